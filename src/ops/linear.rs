@@ -1,0 +1,93 @@
+//! Matrix products: batched matmul with broadcast batch dims, and the fully connected layer.
+
+use super::sum_to_shape;
+use crate::tape::{SaveAs, Tape, Value};
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+impl Tape {
+    /// `a @ b` over the last two dims; leading (batch) dims broadcast.
+    /// Context: `a` if `b` needs a gradient, `b` if `a` does.
+    pub fn matmul(&mut self, a: &Value, b: &Value) -> Result<Value> {
+        if a.rank() < 2 || b.rank() < 2 {
+            bail!("matmul needs rank >= 2 operands, got {:?} and {:?}", a.dims(), b.dims());
+        }
+        let y = a.tensor().broadcast_matmul(b.tensor())?;
+        if !self.needs_grad(&[a, b]) {
+            return Ok(self.constant(y));
+        }
+        let (sa, sb) = (a.shape().clone(), b.shape().clone());
+        let ca = if b.is_tracked() { Some(self.save("matmul", a, SaveAs::Activation)?) } else { None };
+        let cb = if a.is_tracked() { Some(self.save("matmul", b, SaveAs::Activation)?) } else { None };
+        self.record("matmul", &[a, b], y, move |g, needs| {
+            let ga = match (&cb, needs[0]) {
+                (Some(cb), true) => {
+                    let bt = cb.load()?.t()?;
+                    Some(sum_to_shape(&g.broadcast_matmul(&bt)?, &sa)?)
+                }
+                _ => None,
+            };
+            let gb = match (&ca, needs[1]) {
+                (Some(ca), true) => {
+                    let at = ca.load()?.t()?;
+                    Some(sum_to_shape(&at.broadcast_matmul(&g)?, &sb)?)
+                }
+                _ => None,
+            };
+            Ok(vec![ga, gb])
+        })
+    }
+
+    /// `x @ w^T + b` with `x: [..., in]`, `w: [out, in]`, `b: [out]`.
+    /// Context: `x` (quantizable) when `w` needs a gradient; `w` by reference when `x` does.
+    pub fn linear(&mut self, x: &Value, w: &Value, b: Option<&Value>) -> Result<Value> {
+        let (out_f, in_f) = w.tensor().dims2()?;
+        let dims = x.dims().to_vec();
+        if dims.last() != Some(&in_f) {
+            bail!("linear: input {dims:?} does not end in {in_f} (weight is [{out_f}, {in_f}])");
+        }
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.tensor().reshape((rows, in_f))?;
+        let mut y = x2.matmul(&w.tensor().t()?)?;
+        if let Some(b) = b {
+            y = y.broadcast_add(b.tensor())?;
+        }
+        let mut out_dims = dims.clone();
+        *out_dims.last_mut().expect("rank >= 1") = out_f;
+        let y = y.reshape(out_dims)?;
+        let inputs: Vec<&Value> = match b {
+            Some(b) => vec![x, w, b],
+            None => vec![x, w],
+        };
+        if !self.needs_grad(&inputs) {
+            return Ok(self.constant(y));
+        }
+        let cx = if w.is_tracked() { Some(self.save("linear", x, SaveAs::Activation)?) } else { None };
+        let cw = if x.is_tracked() { Some(self.save("linear", w, SaveAs::Activation)?) } else { None };
+        let x_shape = x.shape().clone();
+        self.record("linear", &inputs, y, move |g, needs| {
+            let g2 = g.reshape((rows, out_f))?;
+            let gx = match (&cw, needs[0]) {
+                (Some(cw), true) => Some(g2.matmul(&cw.load()?)?.reshape(&x_shape)?),
+                _ => None,
+            };
+            let gw = match (&cx, needs[1]) {
+                (Some(cx), true) => {
+                    let x2 = cx.load()?.reshape((rows, in_f))?;
+                    Some(g2.t()?.matmul(&x2)?)
+                }
+                _ => None,
+            };
+            let mut grads = vec![gx, gw];
+            if needs.len() == 3 {
+                grads.push(if needs[2] { Some(g2.sum(0)?) } else { None });
+            }
+            Ok(grads)
+        })
+    }
+}
+
+/// Transposes the last two dims and makes the result contiguous (matmul is fastest that way).
+pub fn t_contiguous(t: &Tensor) -> Result<Tensor> {
+    Ok(t.t()?.contiguous()?)
+}

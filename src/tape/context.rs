@@ -1,0 +1,144 @@
+//! The one door every saved tensor passes through.
+//!
+//! An op calls [`Tape::save`](super::Tape::save) with what it needs for backward and *what it
+//! needs it for* ([`SaveAs`]); the tape asks the [`ContextPolicy`] how to store it and hands back
+//! a [`Saved`] handle. The handle is reference counted: a tensor saved by two ops (same value id,
+//! same purpose) is stored once, and the storage is freed the moment the last backward rule that
+//! holds it has run.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Shape, Tensor};
+use std::cell::Cell;
+use std::rc::Rc;
+
+/// Why an op keeps a tensor; this decides which cheaper representations are allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SaveAs {
+    /// A float tensor that backward multiplies with (matmul/conv input, norm input,
+    /// softmax output): may be quantized, stays unbiased under stochastic rounding.
+    Activation,
+    /// Backward needs only `x > 0` (ReLU, LeakyReLU): may be kept as a 1-bit mask.
+    /// [`Saved::load`] returns a 0/1 tensor of the saved dtype whatever the storage.
+    SignMask,
+    /// Must be exact (per-channel statistics, tiny tensors): never compressed.
+    Exact,
+    /// Small unsigned integers below `2^bits` (max-pool argmax inside its window), given as
+    /// a `U8` tensor; may be bit-packed. [`Saved::load`] returns the `U8` tensor.
+    Index { bits: u8 },
+}
+
+impl SaveAs {
+    pub(crate) fn tag(self) -> u8 {
+        match self {
+            SaveAs::Activation => 0,
+            SaveAs::SignMask => 1,
+            SaveAs::Exact => 2,
+            SaveAs::Index { .. } => 3,
+        }
+    }
+}
+
+/// A compressed representation produced by a policy (quantized tensor, bit mask, ...).
+/// The tape does not need to know the format, only how to get a tensor back and its size.
+pub trait PackedContext {
+    /// Rebuilds a tensor of `shape`/`dtype` on `device` (dequantized for [`SaveAs::Activation`],
+    /// 0/1 for [`SaveAs::SignMask`], `U8` for [`SaveAs::Index`]).
+    fn unpack(&self, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor>;
+    /// Bytes this representation really holds.
+    fn stored_bytes(&self) -> usize;
+    /// Average stored bits per element, including metadata.
+    fn bits(&self) -> f32;
+    /// Short label for reports: "q2", "mask1", "idx4", ...
+    fn label(&self) -> String;
+}
+
+/// How a context is held.
+pub enum Packed {
+    /// The tensor as it is (a reference to the forward tensor: no copy is made).
+    Full(Tensor),
+    /// Anything a compression policy produced.
+    Compressed(Box<dyn PackedContext>),
+}
+
+/// What a policy is asked to store.
+pub struct SaveRequest<'a> {
+    pub op: &'static str,
+    pub kind: SaveAs,
+    pub tensor: &'a Tensor,
+    /// Position of this save within the step (0, 1, 2, ...): stable across steps for a static
+    /// graph, so the bit allocator can key per-tensor decisions and RNG streams on it.
+    pub slot: usize,
+    /// Training step counter; mixed into the rounding noise so each step draws fresh noise.
+    pub step: u64,
+    /// A parameter (weights are never compressed; stored by reference).
+    pub is_param: bool,
+}
+
+/// Decides how each saved tensor is stored. The compression module implements levels L0..L4.
+pub trait ContextPolicy {
+    fn pack(&mut self, req: &SaveRequest) -> Result<Packed>;
+    /// Called once per step before the forward pass (allocators re-plan here).
+    fn begin_step(&mut self, _step: u64) {}
+}
+
+/// Stores every context as it is: the fp32 baseline (L0), and what gradient checks use.
+#[derive(Default, Clone, Copy)]
+pub struct KeepPolicy;
+
+impl ContextPolicy for KeepPolicy {
+    fn pack(&mut self, req: &SaveRequest) -> Result<Packed> {
+        Ok(Packed::Full(req.tensor.clone()))
+    }
+}
+
+pub(crate) struct SavedEntry {
+    pub(crate) kind: SaveAs,
+    pub(crate) packed: Packed,
+    pub(crate) shape: Shape,
+    pub(crate) dtype: DType,
+    pub(crate) device: Device,
+    /// Bytes this entry adds to the tape's live-context total, given back on drop.
+    pub(crate) bytes: usize,
+    pub(crate) live: Rc<Cell<usize>>,
+}
+
+impl Drop for SavedEntry {
+    fn drop(&mut self) {
+        self.live.set(self.live.get() - self.bytes);
+    }
+}
+
+/// Handle to a stored context. Cloning shares the storage; dropping the last handle frees it.
+#[derive(Clone)]
+pub struct Saved(pub(crate) Rc<SavedEntry>);
+
+impl Saved {
+    /// Unpacks into a temporary tensor for the backward rule.
+    pub fn load(&self) -> Result<Tensor> {
+        let e = &*self.0;
+        match (&e.packed, e.kind) {
+            (Packed::Full(t), SaveAs::SignMask) => Ok(t.gt(0.0)?.to_dtype(e.dtype)?),
+            (Packed::Full(t), _) => Ok(t.clone()),
+            (Packed::Compressed(c), _) => c.unpack(&e.shape, e.dtype, &e.device),
+        }
+    }
+    pub fn shape(&self) -> &Shape {
+        &self.0.shape
+    }
+}
+
+/// One line of the context log: what an op saved and what it cost. `profile-memory` prints these.
+#[derive(Clone, Debug)]
+pub struct ContextRecord {
+    pub slot: usize,
+    pub op: &'static str,
+    /// "fp32", "q2", "mask1", "idx4", "param", "seed", "shape", ...
+    pub repr: String,
+    pub shape: Vec<usize>,
+    pub bits: f32,
+    pub stored_bytes: usize,
+    /// What the tensor would cost kept in fp32.
+    pub fp32_bytes: usize,
+    /// Already stored by an earlier op (deduplicated): costs nothing extra.
+    pub shared: bool,
+}

@@ -1,0 +1,512 @@
+//! actrain's reverse-mode engine.
+//!
+//! Forward runs candle ops on plain tensors (candle records no graph). Each differentiable op
+//! pushes one [`Node`]: its input ids and a backward rule that owns only the context the op
+//! saved through [`Tape::save`]. The tape never holds forward outputs: when the caller drops a
+//! [`Value`], its tensor is freed. [`Tape::backward`] pops nodes in reverse, takes the output
+//! gradient out of the frontier, runs the rule (which unpacks its context into temporaries)
+//! and drops the node — and with it the context — before the next one.
+
+pub mod context;
+pub mod gradcheck;
+pub mod params;
+
+pub use context::{
+    ContextPolicy, ContextRecord, KeepPolicy, Packed, PackedContext, SaveAs, SaveRequest, Saved,
+};
+pub use params::{Param, ParamId, ParamStore};
+
+use anyhow::{bail, Context as _, Result};
+use candle_core::{DType, Shape, Tensor};
+use context::SavedEntry;
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::rc::{Rc, Weak};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ValueId(u64);
+
+/// A tensor produced on the tape. `tracked` values (parameters and anything computed from
+/// them) get gradients; untracked ones (data) are constants.
+#[derive(Clone, Debug)]
+pub struct Value {
+    id: ValueId,
+    tensor: Tensor,
+    tracked: bool,
+}
+
+impl Value {
+    pub fn id(&self) -> ValueId {
+        self.id
+    }
+    pub fn tensor(&self) -> &Tensor {
+        &self.tensor
+    }
+    pub fn into_tensor(self) -> Tensor {
+        self.tensor
+    }
+    pub fn is_tracked(&self) -> bool {
+        self.tracked
+    }
+    pub fn dims(&self) -> &[usize] {
+        self.tensor.dims()
+    }
+    pub fn shape(&self) -> &Shape {
+        self.tensor.shape()
+    }
+    pub fn dtype(&self) -> DType {
+        self.tensor.dtype()
+    }
+    pub fn rank(&self) -> usize {
+        self.tensor.rank()
+    }
+}
+
+/// Gradients of a node's inputs, in input order; `None` where an input needs none.
+pub type InputGrads = Vec<Option<Tensor>>;
+type BackwardFn = Box<dyn FnOnce(Tensor, &[bool]) -> Result<InputGrads>>;
+
+struct Node {
+    op: &'static str,
+    output: ValueId,
+    inputs: Vec<ValueId>,
+    input_shapes: Vec<Shape>,
+    /// `needs[i]`: input i is tracked, so its gradient is wanted.
+    needs: Vec<bool>,
+    backward: BackwardFn,
+}
+
+pub struct Tape {
+    nodes: Vec<Node>,
+    next_id: u64,
+    recording: bool,
+    training: bool,
+    policy: Box<dyn ContextPolicy>,
+    dedup: HashMap<(ValueId, u8), Weak<SavedEntry>>,
+    param_of: HashMap<ValueId, ParamId>,
+    records: Vec<ContextRecord>,
+    slot: usize,
+    step: u64,
+    seed: u64,
+    seed_counter: u64,
+    live_context: Rc<Cell<usize>>,
+}
+
+impl Default for Tape {
+    fn default() -> Self {
+        Self::new(Box::new(KeepPolicy))
+    }
+}
+
+impl Tape {
+    pub fn new(policy: Box<dyn ContextPolicy>) -> Self {
+        Self {
+            nodes: Vec::new(),
+            next_id: 0,
+            recording: true,
+            training: true,
+            policy,
+            dedup: HashMap::new(),
+            param_of: HashMap::new(),
+            records: Vec::new(),
+            slot: 0,
+            step: 0,
+            seed: 0,
+            seed_counter: 0,
+            live_context: Rc::new(Cell::new(0)),
+        }
+    }
+
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    pub fn set_policy(&mut self, policy: Box<dyn ContextPolicy>) {
+        self.policy = policy;
+    }
+    pub fn policy_mut(&mut self) -> &mut dyn ContextPolicy {
+        self.policy.as_mut()
+    }
+
+    /// Training mode: record nodes, batch norm uses batch statistics, dropout drops.
+    pub fn train_mode(&mut self) {
+        self.training = true;
+        self.recording = true;
+    }
+    /// Evaluation: nothing is recorded or saved; batch norm uses running statistics.
+    pub fn eval_mode(&mut self) {
+        self.training = false;
+        self.recording = false;
+    }
+    pub fn is_training(&self) -> bool {
+        self.training
+    }
+    pub fn is_recording(&self) -> bool {
+        self.recording
+    }
+    /// Turns recording off (or on) without changing train/eval semantics.
+    pub fn set_recording(&mut self, on: bool) {
+        self.recording = on;
+    }
+
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Starts a new step: clears what the previous one left (log, dedup table, unused nodes)
+    /// and lets the policy re-plan.
+    pub fn begin_step(&mut self) {
+        self.nodes.clear();
+        self.dedup.clear();
+        self.param_of.clear();
+        self.records.clear();
+        self.slot = 0;
+        self.seed_counter = 0;
+        self.step += 1;
+        self.policy.begin_step(self.step);
+    }
+
+    /// A seed unique to this op call in this step (dropout regenerates its mask from it).
+    pub fn next_seed(&mut self) -> u64 {
+        self.seed_counter += 1;
+        splitmix64(self.seed ^ splitmix64(self.step) ^ splitmix64(self.seed_counter << 1 | 1))
+    }
+
+    fn fresh_id(&mut self) -> ValueId {
+        self.next_id += 1;
+        ValueId(self.next_id)
+    }
+
+    /// Wraps data (inputs, labels): a constant, never differentiated.
+    pub fn constant(&mut self, tensor: Tensor) -> Value {
+        let id = self.fresh_id();
+        Value {
+            id,
+            tensor,
+            tracked: false,
+        }
+    }
+
+    /// A parameter as a tape value; backward accumulates its gradient into the store.
+    pub fn param(&mut self, store: &ParamStore, id: ParamId) -> Value {
+        let p = store.get(id);
+        let vid = self.fresh_id();
+        let tracked = p.trainable && self.recording;
+        if tracked {
+            self.param_of.insert(vid, id);
+        }
+        Value {
+            id: vid,
+            tensor: p.value.clone(),
+            tracked,
+        }
+    }
+
+    /// True when an op over these inputs must record a node (and so save context).
+    pub fn needs_grad(&self, inputs: &[&Value]) -> bool {
+        self.recording && inputs.iter().any(|v| v.tracked)
+    }
+
+    /// The door every saved tensor passes through. `value` identifies the tensor for
+    /// deduplication: the same value saved for the same purpose by two ops is stored once.
+    pub fn save(&mut self, op: &'static str, value: &Value, kind: SaveAs) -> Result<Saved> {
+        let key = (value.id, kind.tag());
+        if let Some(entry) = self.dedup.get(&key).and_then(Weak::upgrade) {
+            self.records.push(ContextRecord {
+                slot: self.slot,
+                op,
+                repr: "shared".into(),
+                shape: value.dims().to_vec(),
+                bits: 0.0,
+                stored_bytes: 0,
+                fp32_bytes: value.tensor.elem_count() * 4,
+                shared: true,
+            });
+            return Ok(Saved(entry));
+        }
+        let is_param = self.param_of.contains_key(&value.id);
+        let saved = self.save_tensor(op, &value.tensor, kind, is_param)?;
+        self.dedup.insert(key, Rc::downgrade(&saved.0));
+        Ok(saved)
+    }
+
+    /// Saves a tensor the op derived itself (e.g. argmax positions); no deduplication.
+    pub fn save_derived(&mut self, op: &'static str, t: &Tensor, kind: SaveAs) -> Result<Saved> {
+        self.save_tensor(op, t, kind, false)
+    }
+
+    fn save_tensor(
+        &mut self,
+        op: &'static str,
+        t: &Tensor,
+        kind: SaveAs,
+        is_param: bool,
+    ) -> Result<Saved> {
+        crate::memory::check_budget()?;
+        let req = SaveRequest {
+            op,
+            kind,
+            tensor: t,
+            slot: self.slot,
+            step: self.step,
+            is_param,
+        };
+        // Parameters are stored by reference and exact contexts as they are, whatever the
+        // policy: compressing either would save nothing or break correctness.
+        let packed = if is_param || kind == SaveAs::Exact {
+            Packed::Full(t.clone())
+        } else {
+            self.policy
+                .pack(&req)
+                .with_context(|| format!("saving the context of op `{op}`"))?
+        };
+        let fp32_bytes = t.elem_count() * 4;
+        let (repr, bits, stored_bytes) = match &packed {
+            Packed::Full(_) if is_param => ("param".to_string(), 0.0, 0),
+            Packed::Full(full) => {
+                let b = full.elem_count() * full.dtype().size_in_bytes();
+                let label = format!("{:?}", full.dtype()).to_lowercase();
+                (label, (full.dtype().size_in_bytes() * 8) as f32, b)
+            }
+            Packed::Compressed(c) => (c.label(), c.bits(), c.stored_bytes()),
+        };
+        self.records.push(ContextRecord {
+            slot: self.slot,
+            op,
+            repr,
+            shape: t.dims().to_vec(),
+            bits,
+            stored_bytes,
+            fp32_bytes,
+            shared: false,
+        });
+        self.slot += 1;
+        self.live_context.set(self.live_context.get() + stored_bytes);
+        Ok(Saved(Rc::new(SavedEntry {
+            kind,
+            packed,
+            shape: t.shape().clone(),
+            dtype: t.dtype(),
+            device: t.device().clone(),
+            bytes: stored_bytes,
+            live: self.live_context.clone(),
+        })))
+    }
+
+    /// Logs a context that costs no tensor storage (a dropout seed, a shape) so reports show it.
+    pub fn note_context(&mut self, op: &'static str, repr: &str, shape: &[usize]) {
+        self.records.push(ContextRecord {
+            slot: self.slot,
+            op,
+            repr: repr.to_string(),
+            shape: shape.to_vec(),
+            bits: 0.0,
+            stored_bytes: 0,
+            fp32_bytes: shape.iter().product::<usize>() * 4,
+            shared: false,
+        });
+    }
+
+    /// Bytes of saved context still alive (the "activations" bucket). Parameters saved by
+    /// reference count zero; a deduplicated save counts once.
+    pub fn live_context_bytes(&self) -> usize {
+        self.live_context.get()
+    }
+
+    /// What was saved since the step began.
+    pub fn context_log(&self) -> &[ContextRecord] {
+        &self.records
+    }
+
+    /// Records a node. Ops call this after computing `output` (and saving context only if
+    /// [`Tape::needs_grad`] said so). Returns the output as a tape value.
+    pub fn record<F>(
+        &mut self,
+        op: &'static str,
+        inputs: &[&Value],
+        output: Tensor,
+        backward: F,
+    ) -> Result<Value>
+    where
+        F: FnOnce(Tensor, &[bool]) -> Result<InputGrads> + 'static,
+    {
+        if !self.needs_grad(inputs) {
+            crate::memory::check_budget()?;
+            return Ok(self.constant(output));
+        }
+        let out = self.output(output);
+        self.record_output(op, inputs, out, backward)
+    }
+
+    /// The output of an op that saves its own output (sigmoid, softmax, exp): create the value
+    /// first with [`Tape::output`], save it (so a later op saving the same tensor shares the
+    /// storage), then record with this.
+    pub fn record_output<F>(
+        &mut self,
+        op: &'static str,
+        inputs: &[&Value],
+        out: Value,
+        backward: F,
+    ) -> Result<Value>
+    where
+        F: FnOnce(Tensor, &[bool]) -> Result<InputGrads> + 'static,
+    {
+        crate::memory::check_budget()?;
+        if !self.needs_grad(inputs) {
+            return Ok(Value {
+                tracked: false,
+                ..out
+            });
+        }
+        self.nodes.push(Node {
+            op,
+            output: out.id,
+            inputs: inputs.iter().map(|v| v.id).collect(),
+            input_shapes: inputs.iter().map(|v| v.shape().clone()).collect(),
+            needs: inputs.iter().map(|v| v.tracked).collect(),
+            backward: Box::new(backward),
+        });
+        Ok(out)
+    }
+
+    /// A fresh tracked value for an op's output, before the op is recorded.
+    pub fn output(&mut self, tensor: Tensor) -> Value {
+        let id = self.fresh_id();
+        Value {
+            id,
+            tensor,
+            tracked: true,
+        }
+    }
+
+    /// Number of nodes waiting for backward.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Reverse pass from a scalar `loss`; parameter gradients are added into `params`.
+    pub fn backward(&mut self, loss: &Value, params: &mut ParamStore) -> Result<()> {
+        self.backward_with(loss, params, |_| {})
+    }
+
+    /// Like [`Tape::backward`], calling `after_node` once each node's context has been
+    /// dropped (profiles and tests use it to watch memory shrink node by node).
+    pub fn backward_with(
+        &mut self,
+        loss: &Value,
+        params: &mut ParamStore,
+        mut after_node: impl FnMut(&BackwardProgress),
+    ) -> Result<()> {
+        if loss.tensor.elem_count() != 1 {
+            bail!(
+                "backward needs a scalar loss, got shape {:?}",
+                loss.tensor.dims()
+            );
+        }
+        let result = self.run_backward(loss, params, &mut after_node);
+        // Whatever happened, nothing of this step's graph may outlive backward.
+        self.nodes.clear();
+        self.dedup.clear();
+        self.param_of.clear();
+        result
+    }
+
+    fn run_backward(
+        &mut self,
+        loss: &Value,
+        params: &mut ParamStore,
+        after_node: &mut impl FnMut(&BackwardProgress),
+    ) -> Result<()> {
+        if !loss.tracked {
+            return Ok(());
+        }
+        let mut frontier: HashMap<ValueId, Tensor> = HashMap::new();
+        frontier.insert(loss.id, loss.tensor.ones_like()?);
+        while let Some(node) = self.nodes.pop() {
+            let Node {
+                op,
+                output,
+                inputs,
+                input_shapes,
+                needs,
+                backward,
+            } = node;
+            let Some(grad_out) = frontier.remove(&output) else {
+                drop(backward);
+                self.report(op, &frontier, after_node);
+                continue;
+            };
+            let grads = backward(grad_out, &needs)
+                .with_context(|| format!("backward of op `{op}`"))?;
+            if grads.len() != inputs.len() {
+                bail!(
+                    "backward of `{op}` returned {} gradients for {} inputs",
+                    grads.len(),
+                    inputs.len()
+                );
+            }
+            for (i, g) in grads.into_iter().enumerate() {
+                let Some(g) = g else { continue };
+                if !needs[i] {
+                    continue;
+                }
+                if g.shape() != &input_shapes[i] {
+                    bail!(
+                        "backward of `{op}`: gradient for input {i} has shape {:?}, input has {:?}",
+                        g.dims(),
+                        input_shapes[i].dims()
+                    );
+                }
+                let id = inputs[i];
+                if let Some(&pid) = self.param_of.get(&id) {
+                    params.accumulate_grad(pid, g)?;
+                } else if let Some(prev) = frontier.remove(&id) {
+                    frontier.insert(id, (prev + g)?);
+                } else {
+                    frontier.insert(id, g);
+                }
+            }
+            self.report(op, &frontier, after_node);
+        }
+        Ok(())
+    }
+
+    fn report(
+        &self,
+        op: &'static str,
+        frontier: &HashMap<ValueId, Tensor>,
+        after_node: &mut impl FnMut(&BackwardProgress),
+    ) {
+        after_node(&BackwardProgress {
+            op,
+            nodes_left: self.nodes.len(),
+            live_context_bytes: self.live_context.get(),
+            frontier_bytes: frontier
+                .values()
+                .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                .sum(),
+        });
+    }
+}
+
+/// Where backward stands after a node: what is left of the context and of the gradients
+/// waiting to be consumed.
+#[derive(Clone, Debug)]
+pub struct BackwardProgress {
+    pub op: &'static str,
+    pub nodes_left: usize,
+    pub live_context_bytes: usize,
+    pub frontier_bytes: usize,
+}
+
+/// A 64-bit mixer (splitmix64's finaliser) for deriving seeds.
+pub fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
