@@ -8,5 +8,6 @@
 pub mod compress;
 pub mod data;
 pub mod memory;
+pub mod model;
 pub mod ops;
 pub mod tape;

@@ -1,0 +1,45 @@
+//! Models as data: definitions in TOML (`models/*.toml`, embedded as presets; any path works
+//! too), built into parameters plus a forward pass over the tape.
+
+pub mod build;
+pub mod def;
+
+pub use build::{InputSpec, Model};
+pub use def::{LayerDef, LayerOp, ModelDef, Width};
+
+use anyhow::{bail, Context as _, Result};
+use std::path::Path;
+
+/// The presets shipped in `models/`, embedded so `--model NAME` needs no file on disk.
+pub const PRESETS: &[(&str, &str)] = &[
+    ("mlp", include_str!("../../models/mlp.toml")),
+    ("cnn", include_str!("../../models/cnn.toml")),
+    ("resnet18-cifar", include_str!("../../models/resnet18-cifar.toml")),
+    ("resnet18", include_str!("../../models/resnet18.toml")),
+    ("resnet50-cifar", include_str!("../../models/resnet50-cifar.toml")),
+    ("resnet50", include_str!("../../models/resnet50.toml")),
+    ("vit-tiny", include_str!("../../models/vit-tiny.toml")),
+    ("gpt-char", include_str!("../../models/gpt-char.toml")),
+    ("gcn", include_str!("../../models/gcn.toml")),
+];
+
+pub fn preset_names() -> Vec<&'static str> {
+    PRESETS.iter().map(|(n, _)| *n).collect()
+}
+
+/// `--model`: a preset name, or a path to a definition file.
+pub fn load_def(spec: &str) -> Result<ModelDef> {
+    if let Some((name, text)) = PRESETS.iter().find(|(n, _)| *n == spec) {
+        return ModelDef::parse(text, &format!("preset `{name}`"));
+    }
+    let path = Path::new(spec);
+    if path.exists() {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading model definition {}", path.display()))?;
+        return ModelDef::parse(&text, &path.display().to_string());
+    }
+    bail!(
+        "--model `{spec}`: neither a preset ({}) nor an existing file",
+        preset_names().join(", ")
+    )
+}
