@@ -1,21 +1,27 @@
 //! Shape ops: reshape, flatten, transpose/permute, concat, narrow/split. None saves a tensor;
 //! their context is the input shape (or the split points).
 
-use crate::tape::{Tape, Value};
+use crate::tape::{SaveAs, Tape, Value};
 use anyhow::{bail, Result};
+use candle_core::Tensor;
 
 impl Tape {
     /// Same elements, new shape.
     pub fn reshape(&mut self, x: &Value, dims: &[usize]) -> Result<Value> {
         let y = x.tensor().reshape(dims)?;
         let in_shape = x.shape().clone();
-        self.record("reshape", &[x], y, move |g, _| Ok(vec![Some(g.reshape(&in_shape)?)]))
+        self.record("reshape", &[x], y, move |g, _| {
+            Ok(vec![Some(g.reshape(&in_shape)?)])
+        })
     }
 
     /// Merges dims `start..` into one: `[N, C, H, W]` -> `[N, C*H*W]` for `start = 1`.
     pub fn flatten(&mut self, x: &Value, start: usize) -> Result<Value> {
         if start >= x.rank() {
-            bail!("flatten: start dim {start} out of range for shape {:?}", x.dims());
+            bail!(
+                "flatten: start dim {start} out of range for shape {:?}",
+                x.dims()
+            );
         }
         let mut dims = x.dims()[..start].to_vec();
         dims.push(x.dims()[start..].iter().product());
@@ -33,8 +39,16 @@ impl Tape {
     /// Reorders dims: output dim i is input dim `perm[i]`.
     pub fn permute(&mut self, x: &Value, perm: &[usize]) -> Result<Value> {
         let mut seen = vec![false; x.rank()];
-        if perm.len() != x.rank() || perm.iter().any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true)) {
-            bail!("permute: {perm:?} is not a permutation of the {} dims of {:?}", x.rank(), x.dims());
+        if perm.len() != x.rank()
+            || perm
+                .iter()
+                .any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true))
+        {
+            bail!(
+                "permute: {perm:?} is not a permutation of the {} dims of {:?}",
+                x.rank(),
+                x.dims()
+            );
         }
         let y = x.tensor().permute(perm.to_vec())?.contiguous()?;
         let mut inverse = vec![0; perm.len()];
@@ -58,7 +72,11 @@ impl Tape {
             let mut start = 0;
             let mut grads = Vec::with_capacity(sizes.len());
             for (i, &len) in sizes.iter().enumerate() {
-                grads.push(if needs[i] { Some(g.narrow(dim, start, len)?.contiguous()?) } else { None });
+                grads.push(if needs[i] {
+                    Some(g.narrow(dim, start, len)?.contiguous()?)
+                } else {
+                    None
+                });
                 start += len;
             }
             Ok(grads)
@@ -75,7 +93,11 @@ impl Tape {
             let mut pad_dims = g.dims().to_vec();
             if start > 0 {
                 pad_dims[dim] = start;
-                parts.push(candle_core::Tensor::zeros(pad_dims.clone(), g.dtype(), dev)?);
+                parts.push(candle_core::Tensor::zeros(
+                    pad_dims.clone(),
+                    g.dtype(),
+                    dev,
+                )?);
             }
             parts.push(g.clone());
             if start + len < full {
@@ -90,7 +112,10 @@ impl Tape {
     pub fn split(&mut self, x: &Value, dim: usize, sizes: &[usize]) -> Result<Vec<Value>> {
         let total: usize = sizes.iter().sum();
         if dim >= x.rank() || total != x.dims()[dim] {
-            bail!("split: sizes {sizes:?} do not add up to dim {dim} of {:?}", x.dims());
+            bail!(
+                "split: sizes {sizes:?} do not add up to dim {dim} of {:?}",
+                x.dims()
+            );
         }
         let mut start = 0;
         let mut out = Vec::with_capacity(sizes.len());
@@ -99,5 +124,20 @@ impl Tape {
             start += len;
         }
         Ok(out)
+    }
+
+    /// Rows `idx` (a `U32` tensor) of `x` along dim 0 — e.g. the training nodes of a graph.
+    /// Context: the indices (integers, exact).
+    pub fn select_rows(&mut self, x: &Value, idx: &Tensor) -> Result<Value> {
+        let y = x.tensor().index_select(idx, 0)?;
+        if !self.needs_grad(&[x]) {
+            return Ok(self.constant(y));
+        }
+        let saved = self.save_derived("select_rows", idx, SaveAs::Exact)?;
+        let in_shape = x.shape().clone();
+        self.record("select_rows", &[x], y, move |g, _| {
+            let zeros = Tensor::zeros(&in_shape, g.dtype(), g.device())?;
+            Ok(vec![Some(zeros.index_add(&saved.load()?, &g, 0)?)])
+        })
     }
 }

@@ -137,8 +137,10 @@ pub struct ContextRecord {
     pub shape: Vec<usize>,
     pub bits: f32,
     pub stored_bytes: usize,
-    /// What the tensor would cost kept in fp32.
-    pub fp32_bytes: usize,
+    /// What this save costs uncompressed, i.e. what L0 stores for it: the tensor's own bytes
+    /// (0 for a shared save, a parameter reference, or a seed/shape note, which L0 stores the
+    /// same way). Compression ratios are `uncompressed_bytes / stored_bytes`.
+    pub uncompressed_bytes: usize,
     /// Already stored by an earlier op (deduplicated): costs nothing extra.
     pub shared: bool,
 }

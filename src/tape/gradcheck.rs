@@ -59,19 +59,31 @@ pub fn max_rel_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     }
     let a = a.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     let b = b.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-    Ok(a.iter().zip(&b).map(|(&x, &y)| rel_err(x, y)).fold(0.0, f64::max))
+    Ok(a.iter()
+        .zip(&b)
+        .map(|(&x, &y)| rel_err(x, y))
+        .fold(0.0, f64::max))
 }
 
 /// Deterministic pseudo-random f64 tensor in [-1, 1) (inputs and loss weights for checks).
 pub fn random_tensor(dims: &[usize], seed: u64) -> Result<Tensor> {
     let n: usize = dims.iter().product();
     let v: Vec<f64> = (0..n as u64)
-        .map(|i| (splitmix64(seed.wrapping_mul(0x1000_0001) ^ i) >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0)
+        .map(|i| {
+            (splitmix64(seed.wrapping_mul(0x1000_0001) ^ i) >> 11) as f64 / (1u64 << 53) as f64
+                * 2.0
+                - 1.0
+        })
         .collect();
     Ok(Tensor::from_vec(v, dims, &candle_core::Device::Cpu)?)
 }
 
-fn loss_of<F>(f: &F, inputs: &[Tensor], weights: Option<&Tensor>, seed: u64) -> Result<(f64, Tensor)>
+fn loss_of<F>(
+    f: &F,
+    inputs: &[Tensor],
+    weights: Option<&Tensor>,
+    seed: u64,
+) -> Result<(f64, Tensor)>
 where
     F: Fn(&mut Tape, &[Value]) -> Result<Value>,
 {

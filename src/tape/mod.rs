@@ -154,6 +154,12 @@ impl Tape {
         self.step
     }
 
+    /// Restores the step counter (resuming a run): rounding noise and dropout masks are keyed
+    /// on it, so a resumed run draws exactly what the uninterrupted one would have.
+    pub fn set_step(&mut self, step: u64) {
+        self.step = step;
+    }
+
     /// Starts a new step: clears what the previous one left (log, dedup table, unused nodes)
     /// and lets the policy re-plan.
     pub fn begin_step(&mut self) {
@@ -220,7 +226,7 @@ impl Tape {
                 shape: value.dims().to_vec(),
                 bits: 0.0,
                 stored_bytes: 0,
-                fp32_bytes: value.tensor.elem_count() * 4,
+                uncompressed_bytes: 0,
                 shared: true,
             });
             return Ok(Saved(entry));
@@ -261,7 +267,11 @@ impl Tape {
                 .pack(&req)
                 .with_context(|| format!("saving the context of op `{op}`"))?
         };
-        let fp32_bytes = t.elem_count() * 4;
+        let uncompressed_bytes = if is_param {
+            0
+        } else {
+            t.elem_count() * t.dtype().size_in_bytes()
+        };
         let (repr, bits, stored_bytes) = match &packed {
             Packed::Full(_) if is_param => ("param".to_string(), 0.0, 0),
             Packed::Full(full) => {
@@ -278,11 +288,12 @@ impl Tape {
             shape: t.dims().to_vec(),
             bits,
             stored_bytes,
-            fp32_bytes,
+            uncompressed_bytes,
             shared: false,
         });
         self.slot += 1;
-        self.live_context.set(self.live_context.get() + stored_bytes);
+        self.live_context
+            .set(self.live_context.get() + stored_bytes);
         Ok(Saved(Rc::new(SavedEntry {
             kind,
             packed,
@@ -303,7 +314,7 @@ impl Tape {
             shape: shape.to_vec(),
             bits: 0.0,
             stored_bytes: 0,
-            fp32_bytes: shape.iter().product::<usize>() * 4,
+            uncompressed_bytes: 0,
             shared: false,
         });
     }
@@ -440,8 +451,8 @@ impl Tape {
                 self.report(op, &frontier, after_node);
                 continue;
             };
-            let grads = backward(grad_out, &needs)
-                .with_context(|| format!("backward of op `{op}`"))?;
+            let grads =
+                backward(grad_out, &needs).with_context(|| format!("backward of op `{op}`"))?;
             if grads.len() != inputs.len() {
                 bail!(
                     "backward of `{op}` returned {} gradients for {} inputs",
