@@ -2,6 +2,7 @@
 //! "would not fit" into a typed error instead of an abort.
 
 pub mod counting;
+pub mod profile;
 
 pub use counting::{current_bytes, peak_bytes, reset_peak, set_budget, CountingAlloc};
 
@@ -28,7 +29,8 @@ pub fn check_budget() -> Result<(), OutOfMemory> {
 
 /// Is this error (anywhere in its chain) an out-of-memory?
 pub fn is_oom(err: &anyhow::Error) -> bool {
-    err.chain().any(|e| e.downcast_ref::<OutOfMemory>().is_some())
+    err.chain()
+        .any(|e| e.downcast_ref::<OutOfMemory>().is_some())
 }
 
 /// "1.5 GiB"-style formatting for reports.
@@ -50,9 +52,7 @@ pub fn human_bytes(b: usize) -> String {
 /// Parses "2GiB", "512MiB", "1.5G", "1000000" (bytes) — the `--memory` flag.
 pub fn parse_bytes(s: &str) -> anyhow::Result<usize> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| c.is_ascii_alphabetic())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: f64 = num.trim().parse().map_err(|_| {
         anyhow::anyhow!("`{s}` is not a memory size (expected e.g. 2GiB, 512MiB, 1.5G)")
@@ -80,7 +80,10 @@ mod tests {
         assert_eq!(parse_bytes("512 MiB").unwrap(), 512 << 20);
         assert_eq!(parse_bytes("1000").unwrap(), 1000);
         assert!(parse_bytes("abc").is_err());
-        assert!(parse_bytes("2XB").unwrap_err().to_string().contains("unknown memory unit"));
+        assert!(parse_bytes("2XB")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown memory unit"));
         assert!(parse_bytes("-1G").is_err());
     }
 }

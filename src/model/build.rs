@@ -89,11 +89,15 @@ struct Builder {
 impl Builder {
     /// Weight with PyTorch's default bound 1/sqrt(fan_in).
     fn weight(&mut self, name: &str, dims: &[usize], fan_in: usize) -> Result<ParamId> {
-        let t = self.init.uniform(dims, 1.0 / (fan_in.max(1) as f64).sqrt())?;
+        let t = self
+            .init
+            .uniform(dims, 1.0 / (fan_in.max(1) as f64).sqrt())?;
         self.store.add(format!("{}.{name}", self.prefix), t)
     }
     fn bias(&mut self, name: &str, n: usize, fan_in: usize) -> Result<ParamId> {
-        let t = self.init.uniform(&[n], 1.0 / (fan_in.max(1) as f64).sqrt())?;
+        let t = self
+            .init
+            .uniform(&[n], 1.0 / (fan_in.max(1) as f64).sqrt())?;
         self.store.add(format!("{}.{name}", self.prefix), t)
     }
     fn filled(&mut self, name: &str, n: usize, c: f32) -> Result<ParamId> {
@@ -122,7 +126,11 @@ impl Builder {
         ])
     }
     fn linear(&mut self, name: &str, out: usize, inp: usize, bias: bool) -> Result<Vec<ParamId>> {
-        let pre = if name.is_empty() { String::new() } else { format!("{name}.") };
+        let pre = if name.is_empty() {
+            String::new()
+        } else {
+            format!("{name}.")
+        };
         let mut p = vec![self.weight(&format!("{pre}weight"), &[out, inp], inp)?];
         if bias {
             p.push(self.bias(&format!("{pre}bias"), out, inp)?);
@@ -131,9 +139,17 @@ impl Builder {
     }
 }
 
-fn conv_out(size: usize, kernel: usize, stride: usize, padding: usize, dilation: usize) -> Option<usize> {
+fn conv_out(
+    size: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+) -> Option<usize> {
     let span = dilation * (kernel - 1) + 1;
-    (size + 2 * padding).checked_sub(span).map(|v| v / stride + 1)
+    (size + 2 * padding)
+        .checked_sub(span)
+        .map(|v| v / stride + 1)
 }
 
 impl Model {
@@ -143,13 +159,23 @@ impl Model {
         let mut slots: Vec<Vec<usize>> = vec![input.sample_shape.clone()];
         let mut names = vec!["input".to_string()];
         let mut layers = Vec::with_capacity(def.layers.len());
-        let mut b = Builder { store: ParamStore::new(), init: Init { seed, stream: 0 }, prefix: String::new() };
+        let mut b = Builder {
+            store: ParamStore::new(),
+            init: Init { seed, stream: 0 },
+            prefix: String::new(),
+        };
         for l in &def.layers {
-            let err = |msg: String| anyhow!("{src}: layer `{}` ({}): {msg}", l.name, op_name(&l.op));
+            let err =
+                |msg: String| anyhow!("{src}: layer `{}` ({}): {msg}", l.name, op_name(&l.op));
             let inputs: Vec<usize> = l
                 .inputs
                 .iter()
-                .map(|n| names.iter().position(|m| m == n).expect("checked when parsing"))
+                .map(|n| {
+                    names
+                        .iter()
+                        .position(|m| m == n)
+                        .expect("checked when parsing")
+                })
                 .collect();
             let ins: Vec<&Vec<usize>> = inputs.iter().map(|&s| &slots[s]).collect();
             let x = ins[0].clone();
@@ -162,7 +188,9 @@ impl Model {
                 Ok(())
             };
             if input.tokens && inputs.contains(&0) && !matches!(l.op, LayerOp::Embedding { .. }) {
-                return Err(err("the model input is token ids: only an `embedding` layer can read it".into()));
+                return Err(err(
+                    "the model input is token ids: only an `embedding` layer can read it".into(),
+                ));
             }
             let (params, out_shape) = match &l.op {
                 LayerOp::Linear { out, bias } => {
@@ -172,7 +200,15 @@ impl Model {
                     *s.last_mut().expect("non-empty") = out;
                     (b.linear("", out, inp, *bias)?, s)
                 }
-                LayerOp::Conv2d { out, kernel, stride, padding, dilation, groups, bias } => {
+                LayerOp::Conv2d {
+                    out,
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                    groups,
+                    bias,
+                } => {
                     need_rank(3, "[channels, height, width]")?;
                     let (c, h, w) = (x[0], x[1], x[2]);
                     if c % groups != 0 {
@@ -184,7 +220,8 @@ impl Model {
                         return Err(err(format!("field `kernel`: a {kernel}x{kernel} kernel does not fit the {h}x{w} input")));
                     };
                     let fan_in = c / groups * kernel * kernel;
-                    let mut p = vec![b.weight("weight", &[*out, c / groups, *kernel, *kernel], fan_in)?];
+                    let mut p =
+                        vec![b.weight("weight", &[*out, c / groups, *kernel, *kernel], fan_in)?];
                     if *bias {
                         p.push(b.bias("bias", *out, fan_in)?);
                     }
@@ -198,7 +235,10 @@ impl Model {
                 }
                 LayerOp::LayerNorm { .. } => {
                     let d = *x.last().ok_or_else(|| err("input has no dims".into()))?;
-                    (vec![b.filled("gamma", d, 1.0)?, b.filled("beta", d, 0.0)?], x.clone())
+                    (
+                        vec![b.filled("gamma", d, 1.0)?, b.filled("beta", d, 0.0)?],
+                        x.clone(),
+                    )
                 }
                 LayerOp::RmsNorm { .. } => {
                     let d = *x.last().ok_or_else(|| err("input has no dims".into()))?;
@@ -211,12 +251,24 @@ impl Model {
                 | LayerOp::Sigmoid
                 | LayerOp::Tanh
                 | LayerOp::Dropout { .. } => (vec![], x.clone()),
-                LayerOp::MaxPool { kernel, stride, padding } | LayerOp::AvgPool { kernel, stride, padding } => {
+                LayerOp::MaxPool {
+                    kernel,
+                    stride,
+                    padding,
+                }
+                | LayerOp::AvgPool {
+                    kernel,
+                    stride,
+                    padding,
+                } => {
                     need_rank(3, "[channels, height, width]")?;
                     let oh = conv_out(x[1], *kernel, *stride, *padding, 1);
                     let ow = conv_out(x[2], *kernel, *stride, *padding, 1);
                     let (Some(oh), Some(ow)) = (oh, ow) else {
-                        return Err(err(format!("field `kernel`: {kernel} does not fit the {}x{} input", x[1], x[2])));
+                        return Err(err(format!(
+                            "field `kernel`: {kernel} does not fit the {}x{} input",
+                            x[1], x[2]
+                        )));
                     };
                     (vec![], vec![x[0], oh, ow])
                 }
@@ -228,19 +280,27 @@ impl Model {
                 LayerOp::Add => {
                     for s in &ins[1..] {
                         if **s != x {
-                            return Err(err(format!("field `inputs`: shapes differ: {x:?} vs {s:?}")));
+                            return Err(err(format!(
+                                "field `inputs`: shapes differ: {x:?} vs {s:?}"
+                            )));
                         }
                     }
                     (vec![], x.clone())
                 }
                 LayerOp::Concat { dim } => {
                     if *dim >= x.len() {
-                        return Err(err(format!("field `dim`: {dim} is out of range for shape {x:?}")));
+                        return Err(err(format!(
+                            "field `dim`: {dim} is out of range for shape {x:?}"
+                        )));
                     }
                     let mut s = x.clone();
                     for o in &ins[1..] {
-                        if o.len() != x.len() || o.iter().enumerate().any(|(i, &d)| i != *dim && d != x[i]) {
-                            return Err(err(format!("field `inputs`: cannot concat {x:?} and {o:?} along dim {dim}")));
+                        if o.len() != x.len()
+                            || o.iter().enumerate().any(|(i, &d)| i != *dim && d != x[i])
+                        {
+                            return Err(err(format!(
+                                "field `inputs`: cannot concat {x:?} and {o:?} along dim {dim}"
+                            )));
                         }
                         s[*dim] += o[*dim];
                     }
@@ -250,7 +310,9 @@ impl Model {
                     if !input.tokens || inputs != [0] {
                         return Err(err("an embedding reads the model input, which must be token ids (text data)".into()));
                     }
-                    let v = vocab.or(input.vocab).ok_or_else(|| err("field `vocab`: unknown vocabulary size".into()))?;
+                    let v = vocab
+                        .or(input.vocab)
+                        .ok_or_else(|| err("field `vocab`: unknown vocabulary size".into()))?;
                     if let (Some(given), Some(data)) = (vocab, input.vocab) {
                         if *given < data {
                             return Err(err(format!("field `vocab`: {given} is smaller than the data's vocabulary ({data})")));
@@ -265,7 +327,10 @@ impl Model {
                 LayerOp::PosEmbedding { max_len } => {
                     need_rank(2, "[tokens, dim]")?;
                     if x[0] > *max_len {
-                        return Err(err(format!("field `max_len`: the sequence has {} tokens, more than {max_len}", x[0])));
+                        return Err(err(format!(
+                            "field `max_len`: the sequence has {} tokens, more than {max_len}",
+                            x[0]
+                        )));
                     }
                     let t = b.init.normal(&[*max_len, x[1]], 0.02)?;
                     (vec![b.store.add(format!("{prefix}.table"), t)?], x.clone())
@@ -281,17 +346,27 @@ impl Model {
                 LayerOp::Attention { heads, .. } => {
                     need_rank(2, "[tokens, dim]")?;
                     if x[1] % heads != 0 {
-                        return Err(err(format!("field `heads`: dim {} is not divisible by {heads} heads", x[1])));
+                        return Err(err(format!(
+                            "field `heads`: dim {} is not divisible by {heads} heads",
+                            x[1]
+                        )));
                     }
                     (attention_params(&mut b, "attn", x[1])?, x.clone())
                 }
-                LayerOp::TransformerBlock { heads, mlp_ratio, .. } => {
+                LayerOp::TransformerBlock {
+                    heads, mlp_ratio, ..
+                } => {
                     need_rank(2, "[tokens, dim]")?;
                     let d = x[1];
                     if d % heads != 0 {
-                        return Err(err(format!("field `heads`: dim {d} is not divisible by {heads} heads")));
+                        return Err(err(format!(
+                            "field `heads`: dim {d} is not divisible by {heads} heads"
+                        )));
                     }
-                    let mut p = vec![b.filled("ln1.gamma", d, 1.0)?, b.filled("ln1.beta", d, 0.0)?];
+                    let mut p = vec![
+                        b.filled("ln1.gamma", d, 1.0)?,
+                        b.filled("ln1.beta", d, 0.0)?,
+                    ];
                     p.extend(attention_params(&mut b, "attn", d)?);
                     p.push(b.filled("ln2.gamma", d, 1.0)?);
                     p.push(b.filled("ln2.beta", d, 0.0)?);
@@ -299,11 +374,19 @@ impl Model {
                     p.extend(b.linear("fc2", d, d * mlp_ratio, true)?);
                     (p, x.clone())
                 }
-                LayerOp::ResidualBlock { out, stride, bottleneck } => {
+                LayerOp::ResidualBlock {
+                    out,
+                    stride,
+                    bottleneck,
+                } => {
                     need_rank(3, "[channels, height, width]")?;
                     let (c, h, w) = (x[0], x[1], x[2]);
-                    let (Some(oh), Some(ow)) = (conv_out(h, 3, *stride, 1, 1), conv_out(w, 3, *stride, 1, 1)) else {
-                        return Err(err(format!("field `stride`: does not fit the {h}x{w} input")));
+                    let (Some(oh), Some(ow)) =
+                        (conv_out(h, 3, *stride, 1, 1), conv_out(w, 3, *stride, 1, 1))
+                    else {
+                        return Err(err(format!(
+                            "field `stride`: does not fit the {h}x{w} input"
+                        )));
                     };
                     let mut p = Vec::new();
                     if *bottleneck {
@@ -331,14 +414,23 @@ impl Model {
                 }
                 LayerOp::Gcn { out, bias } => {
                     if !input.graph {
-                        return Err(err("a gcn layer needs graph data (--data graph:DIR or graph:synthetic)".into()));
+                        return Err(err(
+                            "a gcn layer needs graph data (--data graph:DIR or graph:synthetic)"
+                                .into(),
+                        ));
                     }
                     need_rank(1, "[features] (one row per node)")?;
                     let out = out.resolve(input.num_outputs);
                     (b.linear("", out, x[0], *bias)?, vec![out])
                 }
             };
-            layers.push(Layer { name: l.name.clone(), inputs, op: l.op.clone(), params, out_shape: out_shape.clone() });
+            layers.push(Layer {
+                name: l.name.clone(),
+                inputs,
+                op: l.op.clone(),
+                params,
+                out_shape: out_shape.clone(),
+            });
             slots.push(out_shape);
             names.push(l.name.clone());
         }
@@ -366,7 +458,13 @@ impl Model {
                 last_use[s] = i;
             }
         }
-        Ok(Model { name: def.name.clone(), params: b.store, layers, last_use, input: input.clone() })
+        Ok(Model {
+            name: def.name.clone(),
+            params: b.store,
+            layers,
+            last_use,
+            input: input.clone(),
+        })
     }
 
     pub fn input_spec(&self) -> &InputSpec {
@@ -375,7 +473,11 @@ impl Model {
 
     /// Number of trainable scalars.
     pub fn num_parameters(&self) -> usize {
-        self.params.iter().filter(|(_, p)| p.trainable).map(|(_, p)| p.value.elem_count()).sum()
+        self.params
+            .iter()
+            .filter(|(_, p)| p.trainable)
+            .map(|(_, p)| p.value.elem_count())
+            .sum()
     }
 
     /// Per-layer summary: name, op, output shape per sample, parameter count.
@@ -383,7 +485,12 @@ impl Model {
         self.layers
             .iter()
             .map(|l| {
-                let n = l.params.iter().filter(|&&p| self.params.get(p).trainable).map(|&p| self.params.value(p).elem_count()).sum();
+                let n = l
+                    .params
+                    .iter()
+                    .filter(|&&p| self.params.get(p).trainable)
+                    .map(|&p| self.params.value(p).elem_count())
+                    .sum();
                 (l.name.clone(), op_name(&l.op), l.out_shape.clone(), n)
             })
             .collect()
@@ -392,7 +499,12 @@ impl Model {
     /// Runs the model on a batch `x` (`[B, ..sample_shape]`; token ids as `U32`; for graphs
     /// all node features) and returns the logits. `graph` is the normalised adjacency for GCN
     /// layers. In training mode batch norm updates its running statistics here.
-    pub fn forward(&mut self, tape: &mut Tape, x: &Tensor, graph: Option<&Arc<CsrMatrix>>) -> Result<Value> {
+    pub fn forward(
+        &mut self,
+        tape: &mut Tape,
+        x: &Tensor,
+        graph: Option<&Arc<CsrMatrix>>,
+    ) -> Result<Value> {
         let mut slots: Vec<Option<Value>> = Vec::with_capacity(self.layers.len() + 1);
         slots.push(Some(tape.constant(x.clone())));
         slots.resize_with(self.layers.len() + 1, || None);
@@ -403,8 +515,13 @@ impl Model {
                 let ins: Vec<&Value> = l
                     .inputs
                     .iter()
-                    .map(|&s| slots[s].as_ref().ok_or_else(|| anyhow!("internal: slot {s} freed too early")))
+                    .map(|&s| {
+                        slots[s]
+                            .as_ref()
+                            .ok_or_else(|| anyhow!("internal: slot {s} freed too early"))
+                    })
                     .collect::<Result<_>>()?;
+                tape.set_scope(&l.name);
                 run_layer(tape, &mut self.params, l, &ins, graph)
                     .map_err(|e| e.context(format!("layer `{}` ({})", l.name, op_name(&l.op))))?
             };
@@ -416,7 +533,9 @@ impl Model {
                 }
             }
         }
-        slots[n].take().ok_or_else(|| anyhow!("internal: the model produced no output"))
+        slots[n]
+            .take()
+            .ok_or_else(|| anyhow!("internal: the model produced no output"))
     }
 }
 
@@ -460,21 +579,54 @@ pub(crate) fn op_name(op: &LayerOp) -> &'static str {
 }
 
 /// Batch norm with its running statistics read from and written back to the store.
-fn batch_norm(tape: &mut Tape, store: &mut ParamStore, x: &Value, p: &[ParamId], momentum: f64, eps: f64) -> Result<Value> {
+fn batch_norm(
+    tape: &mut Tape,
+    store: &mut ParamStore,
+    x: &Value,
+    p: &[ParamId],
+    momentum: f64,
+    eps: f64,
+) -> Result<Value> {
     let (g, b) = (tape.param(store, p[0]), tape.param(store, p[1]));
-    let mut stats = BatchNormStats { mean: store.value(p[2]).clone(), var: store.value(p[3]).clone() };
+    let mut stats = BatchNormStats {
+        mean: store.value(p[2]).clone(),
+        var: store.value(p[3]).clone(),
+    };
     let y = tape.batch_norm(x, &g, &b, &mut stats, momentum, eps)?;
     store.set_value(p[2], stats.mean);
     store.set_value(p[3], stats.var);
     Ok(y)
 }
 
-fn conv(tape: &mut Tape, store: &ParamStore, x: &Value, w: ParamId, stride: usize, padding: usize) -> Result<Value> {
+fn conv(
+    tape: &mut Tape,
+    store: &ParamStore,
+    x: &Value,
+    w: ParamId,
+    stride: usize,
+    padding: usize,
+) -> Result<Value> {
     let w = tape.param(store, w);
-    tape.conv2d(x, &w, None, Conv2dParams { stride, padding, ..Default::default() })
+    tape.conv2d(
+        x,
+        &w,
+        None,
+        Conv2dParams {
+            stride,
+            padding,
+            ..Default::default()
+        },
+    )
 }
 
-fn mha(tape: &mut Tape, store: &ParamStore, x: &Value, p: &[ParamId], heads: usize, causal: bool) -> Result<Value> {
+fn mha(
+    tape: &mut Tape,
+    store: &ParamStore,
+    x: &Value,
+    p: &[ParamId],
+    heads: usize,
+    causal: bool,
+) -> Result<Value> {
     let v: Vec<Value> = p.iter().map(|&id| tape.param(store, id)).collect();
     let m = MultiHeadAttention {
         wq: &v[0],
@@ -491,20 +643,38 @@ fn mha(tape: &mut Tape, store: &ParamStore, x: &Value, p: &[ParamId], heads: usi
     tape.multi_head_attention(x, &m)
 }
 
-fn run_layer(tape: &mut Tape, store: &mut ParamStore, l: &Layer, ins: &[&Value], graph: Option<&Arc<CsrMatrix>>) -> Result<Value> {
+fn run_layer(
+    tape: &mut Tape,
+    store: &mut ParamStore,
+    l: &Layer,
+    ins: &[&Value],
+    graph: Option<&Arc<CsrMatrix>>,
+) -> Result<Value> {
     let x = ins[0];
     let p = &l.params;
-    let param = |tape: &mut Tape, store: &ParamStore, i: usize| p.get(i).map(|&id| tape.param(store, id));
+    let param =
+        |tape: &mut Tape, store: &ParamStore, i: usize| p.get(i).map(|&id| tape.param(store, id));
     Ok(match &l.op {
         LayerOp::Linear { .. } => {
             let w = param(tape, store, 0).expect("weight");
             let b = param(tape, store, 1);
             tape.linear(x, &w, b.as_ref())?
         }
-        LayerOp::Conv2d { stride, padding, dilation, groups, .. } => {
+        LayerOp::Conv2d {
+            stride,
+            padding,
+            dilation,
+            groups,
+            ..
+        } => {
             let w = param(tape, store, 0).expect("weight");
             let b = param(tape, store, 1);
-            let cp = Conv2dParams { stride: *stride, padding: *padding, dilation: *dilation, groups: *groups };
+            let cp = Conv2dParams {
+                stride: *stride,
+                padding: *padding,
+                dilation: *dilation,
+                groups: *groups,
+            };
             tape.conv2d(x, &w, b.as_ref(), cp)?
         }
         LayerOp::BatchNorm { momentum, eps } => batch_norm(tape, store, x, p, *momentum, *eps)?,
@@ -523,8 +693,16 @@ fn run_layer(tape: &mut Tape, store: &mut ParamStore, l: &Layer, ins: &[&Value],
         LayerOp::Sigmoid => tape.sigmoid(x)?,
         LayerOp::Tanh => tape.tanh(x)?,
         LayerOp::Dropout { p } => tape.dropout(x, *p)?,
-        LayerOp::MaxPool { kernel, stride, padding } => tape.max_pool2d(x, *kernel, *stride, *padding)?,
-        LayerOp::AvgPool { kernel, stride, padding } => tape.avg_pool2d(x, *kernel, *stride, *padding)?,
+        LayerOp::MaxPool {
+            kernel,
+            stride,
+            padding,
+        } => tape.max_pool2d(x, *kernel, *stride, *padding)?,
+        LayerOp::AvgPool {
+            kernel,
+            stride,
+            padding,
+        } => tape.avg_pool2d(x, *kernel, *stride, *padding)?,
         LayerOp::GlobalAvgPool => tape.global_avg_pool(x)?,
         LayerOp::Flatten => tape.flatten(x, 1)?,
         LayerOp::Add => {
@@ -552,7 +730,12 @@ fn run_layer(tape: &mut Tape, store: &mut ParamStore, l: &Layer, ins: &[&Value],
         }
         LayerOp::MeanTokens => tape.mean(x, &[1], false)?,
         LayerOp::Attention { heads, causal } => mha(tape, store, x, p, *heads, *causal)?,
-        LayerOp::TransformerBlock { heads, causal, dropout, .. } => {
+        LayerOp::TransformerBlock {
+            heads,
+            causal,
+            dropout,
+            ..
+        } => {
             let (g1, b1) = (param(tape, store, 0), param(tape, store, 1));
             let h = tape.layer_norm(x, g1.as_ref(), b1.as_ref(), 1e-5)?;
             let h = mha(tape, store, &h, &p[2..10], *heads, *causal)?;
@@ -568,7 +751,9 @@ fn run_layer(tape: &mut Tape, store: &mut ParamStore, l: &Layer, ins: &[&Value],
             let h = tape.dropout(&h, *dropout)?;
             tape.add(&x, &h)?
         }
-        LayerOp::ResidualBlock { stride, bottleneck, .. } => {
+        LayerOp::ResidualBlock {
+            stride, bottleneck, ..
+        } => {
             // Parameter layout: convN weight followed by its 4 batch-norm entries.
             let (h, used) = if *bottleneck {
                 let h = conv(tape, store, x, p[0], 1, 0)?;
@@ -596,7 +781,8 @@ fn run_layer(tape: &mut Tape, store: &mut ParamStore, l: &Layer, ins: &[&Value],
             tape.relu(&y)?
         }
         LayerOp::Gcn { .. } => {
-            let a = graph.ok_or_else(|| anyhow!("no graph adjacency was given to the forward pass"))?;
+            let a =
+                graph.ok_or_else(|| anyhow!("no graph adjacency was given to the forward pass"))?;
             let w = param(tape, store, 0).expect("weight");
             let b = param(tape, store, 1);
             // Â (X W): multiply by the weight first, the narrower side of a GCN layer.

@@ -131,6 +131,8 @@ impl Saved {
 #[derive(Clone, Debug)]
 pub struct ContextRecord {
     pub slot: usize,
+    /// The model layer that was running (set with `Tape::set_scope`), e.g. `layer1.0`.
+    pub scope: Rc<str>,
     pub op: &'static str,
     /// "fp32", "q2", "mask1", "idx4", "param", "seed", "shape", ...
     pub repr: String,

@@ -90,6 +90,7 @@ pub struct Tape {
     seed: u64,
     seed_counter: u64,
     live_context: Rc<Cell<usize>>,
+    scope: Rc<str>,
 }
 
 impl Default for Tape {
@@ -114,6 +115,7 @@ impl Tape {
             seed: 0,
             seed_counter: 0,
             live_context: Rc::new(Cell::new(0)),
+            scope: Rc::from(""),
         }
     }
 
@@ -221,6 +223,7 @@ impl Tape {
         if let Some(entry) = self.dedup.get(&key).and_then(Weak::upgrade) {
             self.records.push(ContextRecord {
                 slot: self.slot,
+                scope: self.scope.clone(),
                 op,
                 repr: "shared".into(),
                 shape: value.dims().to_vec(),
@@ -283,6 +286,7 @@ impl Tape {
         };
         self.records.push(ContextRecord {
             slot: self.slot,
+            scope: self.scope.clone(),
             op,
             repr,
             shape: t.dims().to_vec(),
@@ -309,6 +313,7 @@ impl Tape {
     pub fn note_context(&mut self, op: &'static str, repr: &str, shape: &[usize]) {
         self.records.push(ContextRecord {
             slot: self.slot,
+            scope: self.scope.clone(),
             op,
             repr: repr.to_string(),
             shape: shape.to_vec(),
@@ -317,6 +322,13 @@ impl Tape {
             uncompressed_bytes: 0,
             shared: false,
         });
+    }
+
+    /// Names the layer whose ops run next; context records carry it for reports.
+    pub fn set_scope(&mut self, scope: &str) {
+        if &*self.scope != scope {
+            self.scope = Rc::from(scope);
+        }
     }
 
     /// Bytes of saved context still alive (the "activations" bucket). Parameters saved by

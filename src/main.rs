@@ -1,0 +1,35 @@
+//! `actrain`: activation-compressed training from the command line.
+
+use actrain::cli;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "actrain",
+    version,
+    about = "Train bigger batches in the same memory: activations saved for backward are stored at ~2 bits"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model definition on a dataset at a compression level.
+    Fit(cli::fit::FitArgs),
+    /// Where the memory of a training step goes, per saved context and per bucket, at each level.
+    ProfileMemory(cli::profile_memory::ProfileArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Fit(a) => cli::fit::run(a),
+        Command::ProfileMemory(a) => cli::profile_memory::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,182 @@
+//! `profile-memory`: where every byte of a training step goes, at one compression level.
+//!
+//! One warm-up step first (so optimizer state, thread pools and gemm buffers exist), then a
+//! measured step in three phases — forward, backward, optimizer — each with its own peak
+//! window of the counting allocator. Buckets are exact tensor sizes; peaks are measured.
+
+use super::{current_bytes, peak_bytes, reset_peak};
+use crate::compress::policy::{CompressConfig, CompressPolicy, Level};
+use crate::model::{InputSpec, Model};
+use crate::ops::loss::CrossEntropyOptions;
+use crate::tape::Tape;
+use crate::train::optim::{Optimizer, OptimizerConfig};
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+/// One saved context: which layer and op saved what, how, and what it costs.
+#[derive(Clone, Debug, Serialize)]
+pub struct ContextRow {
+    pub layer: String,
+    pub op: String,
+    pub repr: String,
+    pub shape: Vec<usize>,
+    pub bits: f32,
+    pub stored_bytes: usize,
+    pub uncompressed_bytes: usize,
+}
+
+/// Peak of one phase, above the steady state (parameters, buffers, optimizer state, batch).
+#[derive(Clone, Debug, Serialize)]
+pub struct PhasePeak {
+    pub phase: &'static str,
+    pub peak_bytes: usize,
+    /// Live bytes above the steady state when the phase ended.
+    pub end_bytes: usize,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MemoryProfile {
+    pub level: String,
+    pub batch_size: usize,
+    pub rows: Vec<ContextRow>,
+    pub parameters: usize,
+    pub buffers: usize,
+    pub gradients: usize,
+    pub optimizer_state: usize,
+    pub batch_bytes: usize,
+    /// Saved context after forward, as stored.
+    pub activations: usize,
+    /// The same context uncompressed (what L0 stores).
+    pub activations_uncompressed: usize,
+    pub phases: Vec<PhasePeak>,
+    /// Steady state plus the highest phase peak.
+    pub peak_bytes: usize,
+    pub peak_phase: &'static str,
+    /// At the peak, bytes that were neither steady state nor saved context: unpacked
+    /// contexts, gradient buffers in flight, op workspaces.
+    pub transient_at_peak: usize,
+}
+
+/// A random batch of the model's input shape (token ids for language models) and labels.
+pub fn synthetic_batch(spec: &InputSpec, batch: usize, seed: u64) -> Result<(Tensor, Tensor)> {
+    let dev = &Device::Cpu;
+    let mut dims = vec![batch];
+    dims.extend(&spec.sample_shape);
+    let n: usize = dims.iter().product();
+    let classes = spec.num_outputs.max(1) as u64;
+    let ids = |count: usize, salt: u64, m: u64| -> Vec<u32> {
+        (0..count as u64)
+            .map(|i| (crate::tape::splitmix64(seed ^ salt ^ i.wrapping_mul(0x9E37)) % m) as u32)
+            .collect()
+    };
+    let x = if spec.tokens {
+        let vocab = spec.vocab.unwrap_or(spec.num_outputs).max(1) as u64;
+        Tensor::from_vec(ids(n, 1, vocab), dims.clone(), dev)?
+    } else {
+        Tensor::randn(0f32, 1.0, dims.clone(), dev)?
+    };
+    let y = if spec.tokens {
+        Tensor::from_vec(ids(n, 2, classes), dims, dev)?
+    } else {
+        Tensor::from_vec(ids(batch, 2, classes), batch, dev)?
+    };
+    Ok((x, y))
+}
+
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
+/// Profiles one training step of `model` at `level` on the batch `(x, y)`.
+pub fn profile_step(model: &mut Model, level: Level, x: &Tensor, y: &Tensor, seed: u64) -> Result<MemoryProfile> {
+    let policy = || {
+        Box::new(CompressPolicy::new(CompressConfig { level, seed, ..Default::default() }))
+    };
+    let mut opt = Optimizer::new(OptimizerConfig::Sgd { momentum: 0.9, nesterov: false, weight_decay: 0.0 });
+    let ce = CrossEntropyOptions::default();
+    // Warm-up step: optimizer state and the allocator's steady state exist afterwards.
+    {
+        let mut tape = Tape::new(policy()).with_seed(seed);
+        tape.begin_step();
+        let logits = model.forward(&mut tape, x, None)?;
+        let loss = tape.cross_entropy(&logits, y, ce)?;
+        drop(logits);
+        tape.backward(&loss, &mut model.params)?;
+        opt.step(&mut model.params, 1e-6)?;
+        model.params.zero_grad();
+    }
+    let mut tape = Tape::new(policy()).with_seed(seed);
+    tape.begin_step();
+    let base = current_bytes();
+    let mut phases = Vec::new();
+
+    reset_peak();
+    let logits = model.forward(&mut tape, x, None)?;
+    let loss = tape.cross_entropy(&logits, y, ce)?;
+    drop(logits);
+    phases.push(PhasePeak {
+        phase: "forward",
+        peak_bytes: peak_bytes().saturating_sub(base),
+        end_bytes: current_bytes().saturating_sub(base),
+    });
+    let activations = tape.live_context_bytes();
+    let rows: Vec<ContextRow> = tape
+        .context_log()
+        .iter()
+        .map(|r| ContextRow {
+            layer: r.scope.to_string(),
+            op: r.op.to_string(),
+            repr: r.repr.clone(),
+            shape: r.shape.clone(),
+            bits: r.bits,
+            stored_bytes: r.stored_bytes,
+            uncompressed_bytes: r.uncompressed_bytes,
+        })
+        .collect();
+    let activations_uncompressed = rows.iter().map(|r| r.uncompressed_bytes).sum();
+
+    reset_peak();
+    tape.backward(&loss, &mut model.params)?;
+    drop(loss);
+    phases.push(PhasePeak {
+        phase: "backward",
+        peak_bytes: peak_bytes().saturating_sub(base),
+        end_bytes: current_bytes().saturating_sub(base),
+    });
+    let (parameters, buffers, gradients) = model.params.bytes();
+
+    reset_peak();
+    opt.step(&mut model.params, 1e-6)?;
+    model.params.zero_grad();
+    phases.push(PhasePeak {
+        phase: "optimizer",
+        peak_bytes: peak_bytes().saturating_sub(base),
+        end_bytes: current_bytes().saturating_sub(base),
+    });
+
+    let top = phases.iter().max_by_key(|p| p.peak_bytes).expect("three phases");
+    let batch_bytes = tensor_bytes(x) + tensor_bytes(y);
+    let steady = parameters + buffers + opt.state_bytes() + batch_bytes;
+    let persistent_in_phase = match top.phase {
+        "forward" => activations,
+        "backward" => activations.max(gradients),
+        _ => gradients,
+    };
+    Ok(MemoryProfile {
+        level: level.name(),
+        batch_size: x.dims()[0],
+        rows,
+        parameters,
+        buffers,
+        gradients,
+        optimizer_state: opt.state_bytes(),
+        batch_bytes,
+        activations,
+        activations_uncompressed,
+        peak_bytes: steady + top.peak_bytes,
+        peak_phase: top.phase,
+        transient_at_peak: top.peak_bytes.saturating_sub(persistent_in_phase),
+        phases,
+    })
+}
