@@ -1,0 +1,438 @@
+//! Attention: fused scaled dot-product attention (one tape node) and multi-head attention
+//! composed from `linear`, shape ops and that node.
+//!
+//! The fused node keeps exactly `q`, `k`, `v` and the attention probabilities `P`; the score
+//! matrix `q kᵀ / sqrt(Dh)` exists only inside the forward pass. On the CPU (f32/f64) the
+//! scale, causal mask and softmax run as one rayon kernel over rows, and so does the softmax
+//! backward; elsewhere (CUDA, half types) the same maths runs as candle ops.
+
+use crate::tape::{SaveAs, Tape, Value};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Storage, Tensor, WithDType, D};
+use rayon::prelude::*;
+
+impl Tape {
+    /// Scaled dot-product attention, `softmax(q kᵀ / sqrt(Dh) + mask) v`, as one fused node.
+    ///
+    /// Shapes: `q: [B, H, Tq, Dh]`, `k: [B, H, Tk, Dh]`, `v: [B, H, Tk, Dv]` (usually
+    /// `Dv == Dh`) → `[B, H, Tq, Dv]`.
+    ///
+    /// `causal`: query `i` sees keys `j <= i + (Tk - Tq)`. With `Tq == Tk` that is the usual
+    /// lower-triangular mask; with `Tk > Tq` the queries are taken to be the *last* `Tq`
+    /// positions of a `Tk`-long sequence (the key/value-cache convention), so every query
+    /// sees at least one key. `causal` with `Tk < Tq` would leave queries with no key at all
+    /// and is an error. Masked probabilities are exactly 0 (they are never exponentiated).
+    ///
+    /// Context: `P = softmax(..)` `[B, H, Tq, Tk]` always (every gradient goes through it),
+    /// `v` if `q` or `k` needs a gradient (`dP = dO vᵀ`), `k` if `q` does (`dq = dS k`), `q` if
+    /// `k` does (`dk = dSᵀ q`) — all `SaveAs::Activation`. Nothing else: the pre-softmax
+    /// scores live only inside the forward call. Backward:
+    /// `dV = Pᵀ dO; dP = dO Vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) / sqrt(Dh); dQ = dS K;
+    /// dK = dSᵀ Q`. It is linear in each of `q`, `k`, `v` separately, so their independent
+    /// stochastic rounding stays unbiased; it is quadratic in `P` (like any softmax that keeps
+    /// its output), so a quantized `P` adds a small bias of the order of its rounding variance.
+    pub fn scaled_dot_product_attention(
+        &mut self,
+        q: &Value,
+        k: &Value,
+        v: &Value,
+        causal: bool,
+    ) -> Result<Value> {
+        const OP: &str = "sdpa";
+        let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
+        if q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
+            bail!("{OP}: q, k, v must be [B, H, T, D], got q {qd:?}, k {kd:?}, v {vd:?}");
+        }
+        let (b, h, tq, dh) = (qd[0], qd[1], qd[2], qd[3]);
+        let tk = kd[2];
+        if kd[0] != b || kd[1] != h || vd[0] != b || vd[1] != h {
+            bail!("{OP}: batch/head dims differ: q {qd:?}, k {kd:?}, v {vd:?}");
+        }
+        if kd[3] != dh {
+            bail!("{OP}: q and k head dims differ: q {qd:?}, k {kd:?}");
+        }
+        if vd[2] != tk {
+            bail!("{OP}: k and v lengths differ: k {kd:?}, v {vd:?}");
+        }
+        if tk == 0 || dh == 0 {
+            bail!("{OP}: empty keys or head dim: q {qd:?}, k {kd:?}");
+        }
+        if causal && tk < tq {
+            bail!("{OP}: causal attention needs Tk >= Tq (query i sees keys j <= i + Tk - Tq), got q {qd:?}, k {kd:?}");
+        }
+        if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
+            bail!(
+                "{OP}: dtypes differ: q {:?}, k {:?}, v {:?}",
+                q.dtype(),
+                k.dtype(),
+                v.dtype()
+            );
+        }
+        let mask = Mask {
+            scale: 1.0 / (dh as f64).sqrt(),
+            causal,
+            tq,
+            tk,
+        };
+        let scores = q.tensor().matmul(&k.tensor().t()?)?;
+        let p = mask.softmax(&scores)?;
+        drop(scores);
+        let y = p.matmul(v.tensor())?;
+        if !self.needs_grad(&[q, k, v]) {
+            return Ok(self.constant(y));
+        }
+        let (nq, nk) = (q.is_tracked(), k.is_tracked());
+        let cq = if nk {
+            Some(self.save(OP, q, SaveAs::Activation)?)
+        } else {
+            None
+        };
+        let ck = if nq {
+            Some(self.save(OP, k, SaveAs::Activation)?)
+        } else {
+            None
+        };
+        let cv = if nq || nk {
+            Some(self.save(OP, v, SaveAs::Activation)?)
+        } else {
+            None
+        };
+        let cp = self.save_derived(OP, &p, SaveAs::Activation)?;
+        drop(p);
+        self.record(OP, &[q, k, v], y, move |g, needs| {
+            let p = cp.load()?;
+            let gv = if needs[2] {
+                Some(p.t()?.matmul(&g)?)
+            } else {
+                None
+            };
+            if !(needs[0] || needs[1]) {
+                return Ok(vec![None, None, gv]);
+            }
+            let v = cv
+                .as_ref()
+                .expect("v is saved when q or k needs a gradient")
+                .load()?;
+            let dp = g.matmul(&v.t()?)?;
+            drop(v);
+            // dS already carries the 1/sqrt(Dh) factor.
+            let ds = mask.softmax_backward(&p, &dp)?;
+            drop((p, dp));
+            let gq = match (&ck, needs[0]) {
+                (Some(ck), true) => Some(ds.matmul(&ck.load()?)?),
+                _ => None,
+            };
+            let gk = match (&cq, needs[1]) {
+                (Some(cq), true) => Some(ds.t()?.matmul(&cq.load()?)?),
+                _ => None,
+            };
+            Ok(vec![gq, gk, gv])
+        })
+    }
+
+    /// Multi-head attention over `x: [B, T, E]`: `q, k, v = linear(x, wq|wk|wv, b..)` (each
+    /// `[B, T, D]`), split into `heads` heads `[B, H, T, D/H]`, fused
+    /// [`Tape::scaled_dot_product_attention`], heads merged back to `[B, T, D]`, and the output
+    /// projection `linear(.., wo, bo)` (`wo: [E_out, D]`).
+    ///
+    /// Context (all through the ops it is made of): `x` once (the three projections save the
+    /// same value, deduplicated), the per-head `q`, `k`, `v` and `P` of the attention node,
+    /// and the merged heads (input of the output projection); weights by reference. The
+    /// split/merge reshapes and transposes keep only shapes.
+    pub fn multi_head_attention(&mut self, x: &Value, m: &MultiHeadAttention) -> Result<Value> {
+        const OP: &str = "multi_head_attention";
+        let xd = x.dims();
+        if x.rank() != 3 {
+            bail!("{OP}: x must be [B, T, E], got {xd:?}");
+        }
+        if m.heads == 0 {
+            bail!("{OP}: heads must be at least 1");
+        }
+        let (b, t) = (xd[0], xd[1]);
+        let d = m.wq.dims().first().copied().unwrap_or(0);
+        for (name, w) in [("wk", m.wk), ("wv", m.wv)] {
+            if w.dims().first() != Some(&d) {
+                bail!(
+                    "{OP}: {name} {:?} does not project to the same dim as wq {:?}",
+                    w.dims(),
+                    m.wq.dims()
+                );
+            }
+        }
+        if d % m.heads != 0 {
+            bail!(
+                "{OP}: projection dim {d} (wq {:?}) is not divisible by heads {}",
+                m.wq.dims(),
+                m.heads
+            );
+        }
+        let dh = d / m.heads;
+        let split = |tape: &mut Tape, w: &Value, bias: Option<&Value>| -> Result<Value> {
+            let y = tape.linear(x, w, bias)?;
+            let y = tape.reshape(&y, &[b, t, m.heads, dh])?;
+            tape.transpose(&y, 1, 2)
+        };
+        let q = split(self, m.wq, m.bq)?;
+        let k = split(self, m.wk, m.bk)?;
+        let v = split(self, m.wv, m.bv)?;
+        let o = self.scaled_dot_product_attention(&q, &k, &v, m.causal)?;
+        drop((q, k, v));
+        let o = self.transpose(&o, 1, 2)?;
+        let o = self.reshape(&o, &[b, t, d])?;
+        self.linear(&o, m.wo, m.bo)
+    }
+}
+
+/// The parameters of one multi-head attention layer, by reference (the caller owns the
+/// values). Weights are `[out, in]` as for [`Tape::linear`]: `wq, wk, wv: [D, E]`,
+/// `wo: [E_out, D]`; `D` must be divisible by `heads`.
+#[derive(Clone, Copy)]
+pub struct MultiHeadAttention<'a> {
+    pub wq: &'a Value,
+    pub wk: &'a Value,
+    pub wv: &'a Value,
+    pub wo: &'a Value,
+    pub bq: Option<&'a Value>,
+    pub bk: Option<&'a Value>,
+    pub bv: Option<&'a Value>,
+    pub bo: Option<&'a Value>,
+    pub heads: usize,
+    pub causal: bool,
+}
+
+impl<'a> MultiHeadAttention<'a> {
+    /// No biases, not causal; set the public fields for more.
+    pub fn new(wq: &'a Value, wk: &'a Value, wv: &'a Value, wo: &'a Value, heads: usize) -> Self {
+        Self {
+            wq,
+            wk,
+            wv,
+            wo,
+            bq: None,
+            bk: None,
+            bv: None,
+            bo: None,
+            heads,
+            causal: false,
+        }
+    }
+}
+
+/// Scale and mask of one attention call: enough to redo the masking in backward without
+/// keeping any tensor.
+#[derive(Clone, Copy, Debug)]
+struct Mask {
+    scale: f64,
+    causal: bool,
+    tq: usize,
+    tk: usize,
+}
+
+impl Mask {
+    /// Keys visible to row `r` of the flattened `[B*H*Tq, Tk]` score matrix.
+    #[inline]
+    fn visible(&self, r: usize) -> usize {
+        if self.causal {
+            (r % self.tq + self.tk - self.tq + 1).min(self.tk)
+        } else {
+            self.tk
+        }
+    }
+
+    /// Rows per rayon task, so each task touches at least a few thousand elements.
+    fn rows_per_task(&self) -> usize {
+        (8192 / self.tk.max(1)).max(1)
+    }
+
+    /// `softmax(scores * scale + mask)` over the last dim; masked entries exactly 0.
+    fn softmax(&self, scores: &Tensor) -> Result<Tensor> {
+        match cpu_kernel_dtype(scores) {
+            Some(DType::F32) => self.softmax_cpu::<f32>(scores),
+            Some(DType::F64) => self.softmax_cpu::<f64>(scores),
+            _ => self.softmax_candle(scores),
+        }
+    }
+
+    /// `dS = scale * P ⊙ (dP − rowsum(dP ⊙ P))`, 0 at masked positions.
+    fn softmax_backward(&self, p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+        match (cpu_kernel_dtype(p), cpu_kernel_dtype(dp)) {
+            (Some(DType::F32), Some(DType::F32)) => self.softmax_backward_cpu::<f32>(p, dp),
+            (Some(DType::F64), Some(DType::F64)) => self.softmax_backward_cpu::<f64>(p, dp),
+            _ => self.softmax_backward_candle(p, dp),
+        }
+    }
+
+    fn softmax_cpu<T: Real>(&self, scores: &Tensor) -> Result<Tensor> {
+        let scores = scores.contiguous()?;
+        let tk = self.tk;
+        let mut out = vec![T::from_f64(0.0); scores.elem_count()];
+        let chunk = self.rows_per_task() * tk;
+        with_cpu_slice::<T, _>(&scores, |s| {
+            let scale = T::from_f64(self.scale);
+            out.par_chunks_mut(chunk)
+                .zip(s.par_chunks(chunk))
+                .enumerate()
+                .for_each(|(c, (out, s))| {
+                    let row0 = c * (chunk / tk);
+                    for (i, (o, s)) in out.chunks_mut(tk).zip(s.chunks(tk)).enumerate() {
+                        let n = self.visible(row0 + i);
+                        // o[n..] stays 0: masked probabilities are exactly 0.
+                        let o = &mut o[..n];
+                        let s = &s[..n];
+                        let max = s.iter().copied().fold(T::neg_inf(), T::max);
+                        let mut sum = T::from_f64(0.0);
+                        for (o, &s) in o.iter_mut().zip(s) {
+                            let e = ((s - max) * scale).exp();
+                            *o = e;
+                            sum += e;
+                        }
+                        let inv = T::from_f64(1.0) / sum;
+                        for o in o.iter_mut() {
+                            *o *= inv;
+                        }
+                    }
+                });
+            Ok(())
+        })?;
+        Ok(Tensor::from_vec(out, scores.shape(), &Device::Cpu)?)
+    }
+
+    fn softmax_backward_cpu<T: Real>(&self, p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+        let (p, dp) = (p.contiguous()?, dp.contiguous()?);
+        let tk = self.tk;
+        let mut out = vec![T::from_f64(0.0); p.elem_count()];
+        let chunk = self.rows_per_task() * tk;
+        let scale = T::from_f64(self.scale);
+        with_cpu_slice::<T, _>(&p, |p| {
+            with_cpu_slice::<T, _>(&dp, |dp| {
+                out.par_chunks_mut(chunk)
+                    .zip(p.par_chunks(chunk).zip(dp.par_chunks(chunk)))
+                    .enumerate()
+                    .for_each(|(c, (out, (p, dp)))| {
+                        let row0 = c * (chunk / tk);
+                        let rows = out.chunks_mut(tk).zip(p.chunks(tk).zip(dp.chunks(tk)));
+                        for (i, (o, (p, dp))) in rows.enumerate() {
+                            let n = self.visible(row0 + i);
+                            let (o, p, dp) = (&mut o[..n], &p[..n], &dp[..n]);
+                            let dot = p
+                                .iter()
+                                .zip(dp)
+                                .fold(T::from_f64(0.0), |a, (&p, &d)| a + p * d);
+                            for ((o, &p), &d) in o.iter_mut().zip(p).zip(dp) {
+                                *o = scale * p * (d - dot);
+                            }
+                        }
+                    });
+                Ok(())
+            })
+        })?;
+        Ok(Tensor::from_vec(out, p.shape(), &Device::Cpu)?)
+    }
+
+    /// Additive mask `[Tq, Tk]`: 0 where visible, -inf where masked.
+    fn additive_mask(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        let mut m = vec![0f32; self.tq * self.tk];
+        for (i, row) in m.chunks_mut(self.tk).enumerate() {
+            for x in &mut row[self.visible(i)..] {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        Ok(Tensor::from_vec(m, (self.tq, self.tk), device)?.to_dtype(dtype)?)
+    }
+
+    fn softmax_candle(&self, scores: &Tensor) -> Result<Tensor> {
+        let mut s = scores.affine(self.scale, 0.0)?;
+        if self.causal {
+            s = s.broadcast_add(&self.additive_mask(s.dtype(), s.device())?)?;
+        }
+        // exp(-inf - max) is exactly 0, and every row has a visible key, so no NaN.
+        Ok(candle_nn::ops::softmax_last_dim(&s)?)
+    }
+
+    fn softmax_backward_candle(&self, p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+        let dot = (p * dp)?.sum_keepdim(D::Minus1)?;
+        let ds = (dp.broadcast_sub(&dot)? * p)?.affine(self.scale, 0.0)?;
+        if self.causal {
+            // Zero the masked positions even if a quantized P is not exactly 0 there.
+            let keep = self.additive_mask(DType::F32, ds.device())?.eq(0f64)?;
+            let zeros = ds.zeros_like()?;
+            return Ok(keep.broadcast_as(ds.shape())?.where_cond(&ds, &zeros)?);
+        }
+        Ok(ds)
+    }
+}
+
+/// The element type our CPU kernels handle for `t`, or `None` (other device or dtype).
+fn cpu_kernel_dtype(t: &Tensor) -> Option<DType> {
+    match (t.device(), t.dtype()) {
+        (Device::Cpu, d @ (DType::F32 | DType::F64)) => Some(d),
+        _ => None,
+    }
+}
+
+/// Runs `f` on the contiguous CPU slice of `t` (which must be contiguous and on the CPU).
+fn with_cpu_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("expected a CPU tensor, got {:?}", t.device());
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("expected a contiguous tensor of shape {:?}", t.dims());
+    };
+    f(&cpu.as_slice::<T>()?[start..end])
+}
+
+/// The float operations the CPU kernels need beyond [`WithDType`] (which brings `+ - * /`,
+/// comparisons and `max`), for f32 and f64.
+trait Real: WithDType {
+    fn neg_inf() -> Self;
+    fn exp(self) -> Self;
+}
+
+impl Real for f32 {
+    fn neg_inf() -> Self {
+        f32::NEG_INFINITY
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+}
+
+impl Real for f64 {
+    fn neg_inf() -> Self {
+        f64::NEG_INFINITY
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tape::gradcheck::{max_rel_diff, random_tensor};
+
+    /// The CPU kernels and the candle fallback (used on CUDA) agree, causal and not.
+    #[test]
+    fn cpu_kernels_match_the_candle_fallback() -> Result<()> {
+        for (causal, tq, tk) in [(false, 5, 7), (true, 7, 7), (true, 3, 7), (false, 1, 1)] {
+            let mask = Mask {
+                scale: 0.5,
+                causal,
+                tq,
+                tk,
+            };
+            for dtype in [DType::F32, DType::F64] {
+                let s = (random_tensor(&[2, 3, tq, tk], 1)? * 4.0)?.to_dtype(dtype)?;
+                let p = mask.softmax(&s)?;
+                let p_ref = mask.softmax_candle(&s)?;
+                assert!(max_rel_diff(&p, &p_ref)? < 1e-6);
+                let dp = random_tensor(&[2, 3, tq, tk], 2)?.to_dtype(dtype)?;
+                let ds = mask.softmax_backward(&p, &dp)?;
+                let ds_ref = mask.softmax_backward_candle(&p, &dp)?;
+                assert!(max_rel_diff(&ds, &ds_ref)? < 1e-5);
+            }
+        }
+        Ok(())
+    }
+}
