@@ -23,6 +23,12 @@ enum Command {
 }
 
 fn main() {
+    // candle's CPU barrier pool spins 25k iterations before yielding; beside rayon's threads
+    // that starves the workers on small machines (2-4x slower steps on 2 cores). Set before
+    // any candle op creates the pool, unless the user chose a value.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
+    }
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Fit(a) => cli::fit::run(a),
