@@ -9,18 +9,34 @@ use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
 fn image(shape: &[usize], classes: usize) -> InputSpec {
-    InputSpec { sample_shape: shape.to_vec(), tokens: false, vocab: None, num_outputs: classes, graph: false }
+    InputSpec {
+        sample_shape: shape.to_vec(),
+        tokens: false,
+        vocab: None,
+        num_outputs: classes,
+        graph: false,
+    }
 }
 
 /// One forward + backward on a batch of 2; returns the loss.
 fn step(model: &mut Model, x: &Tensor, y: &Tensor, graph: Option<&Arc<CsrMatrix>>) -> f32 {
     let mut tape = Tape::default();
     let logits = model.forward(&mut tape, x, graph).expect("forward");
-    let loss = tape.cross_entropy(&logits, y, CrossEntropyOptions::default()).expect("loss");
+    let loss = tape
+        .cross_entropy(&logits, y, CrossEntropyOptions::default())
+        .expect("loss");
     tape.backward(&loss, &mut model.params).expect("backward");
-    let n_grads = model.params.iter().filter(|(_, p)| p.trainable && p.grad.is_some()).count();
+    let n_grads = model
+        .params
+        .iter()
+        .filter(|(_, p)| p.trainable && p.grad.is_some())
+        .count();
     let n_train = model.params.iter().filter(|(_, p)| p.trainable).count();
-    assert_eq!(n_grads, n_train, "{}: every trainable parameter gets a gradient", model.name);
+    assert_eq!(
+        n_grads, n_train,
+        "{}: every trainable parameter gets a gradient",
+        model.name
+    );
     loss.tensor().to_scalar::<f32>().expect("scalar")
 }
 
@@ -49,23 +65,53 @@ fn image_presets_build_and_step() {
 #[test]
 fn resnet_parameter_counts_match_the_reference_architectures() {
     // torchvision: resnet18 11,689,512 (1000 classes), resnet50 25,557,032.
-    let m = Model::build(&load_def("resnet18").unwrap(), &image(&[3, 32, 32], 1000), 0).unwrap();
+    let m = Model::build(
+        &load_def("resnet18").unwrap(),
+        &image(&[3, 32, 32], 1000),
+        0,
+    )
+    .unwrap();
     assert_eq!(m.num_parameters(), 11_689_512);
-    let m = Model::build(&load_def("resnet50").unwrap(), &image(&[3, 32, 32], 1000), 0).unwrap();
+    let m = Model::build(
+        &load_def("resnet50").unwrap(),
+        &image(&[3, 32, 32], 1000),
+        0,
+    )
+    .unwrap();
     assert_eq!(m.num_parameters(), 25_557_032);
 }
 
 #[test]
 fn gpt_char_and_gcn_presets_step() {
-    let spec = InputSpec { sample_shape: vec![12], tokens: true, vocab: Some(30), num_outputs: 30, graph: false };
+    let spec = InputSpec {
+        sample_shape: vec![12],
+        tokens: true,
+        vocab: Some(30),
+        num_outputs: 30,
+        graph: false,
+    };
     let mut m = Model::build(&load_def("gpt-char").unwrap(), &spec, 2).unwrap();
     let ids: Vec<u32> = (0..24).map(|i| (i * 7 % 30) as u32).collect();
     let x = Tensor::from_vec(ids.clone(), (2, 12), &Device::Cpu).unwrap();
-    let y = Tensor::from_vec(ids.iter().map(|i| (i + 1) % 30).collect::<Vec<_>>(), (2, 12), &Device::Cpu).unwrap();
+    let y = Tensor::from_vec(
+        ids.iter().map(|i| (i + 1) % 30).collect::<Vec<_>>(),
+        (2, 12),
+        &Device::Cpu,
+    )
+    .unwrap();
     let loss = step(&mut m, &x, &y, None);
-    assert!((loss - (30f32).ln()).abs() < 1.0, "initial loss near ln(vocab): {loss}");
+    assert!(
+        (loss - (30f32).ln()).abs() < 1.0,
+        "initial loss near ln(vocab): {loss}"
+    );
 
-    let spec = InputSpec { sample_shape: vec![5], tokens: false, vocab: None, num_outputs: 3, graph: true };
+    let spec = InputSpec {
+        sample_shape: vec![5],
+        tokens: false,
+        vocab: None,
+        num_outputs: 3,
+        graph: true,
+    };
     let mut m = Model::build(&load_def("gcn").unwrap(), &spec, 3).unwrap();
     let a = Arc::new(CsrMatrix::from_edges(4, &[(0, 1), (1, 2), (2, 3)], true).unwrap());
     let x = Tensor::randn(0f32, 1.0, (4, 5), &Device::Cpu).unwrap();
@@ -127,7 +173,13 @@ fn wrong_definitions_name_file_layer_and_field() {
         }
     }
     // Attention heads must divide the width.
-    let tok = InputSpec { sample_shape: vec![6], tokens: true, vocab: Some(10), num_outputs: 10, graph: false };
+    let tok = InputSpec {
+        sample_shape: vec![6],
+        tokens: true,
+        vocab: Some(10),
+        num_outputs: 10,
+        graph: false,
+    };
     let msg = build_err("[[layer]]\nname = \"e\"\nop = \"embedding\"\ndim = 10\n[[layer]]\nname = \"t\"\nop = \"transformer_block\"\nheads = 3", &tok);
     assert!(msg.contains("`t`") && msg.contains("heads"), "{msg}");
 }

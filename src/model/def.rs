@@ -29,41 +29,95 @@ pub struct LayerDef {
 /// Every layer kind a definition can use, with its fields.
 #[derive(Clone, Debug, PartialEq)]
 pub enum LayerOp {
-    Linear { out: Width, bias: bool },
-    Conv2d { out: usize, kernel: usize, stride: usize, padding: usize, dilation: usize, groups: usize, bias: bool },
-    BatchNorm { momentum: f64, eps: f64 },
-    LayerNorm { eps: f64 },
-    RmsNorm { eps: f64 },
+    Linear {
+        out: Width,
+        bias: bool,
+    },
+    Conv2d {
+        out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        dilation: usize,
+        groups: usize,
+        bias: bool,
+    },
+    BatchNorm {
+        momentum: f64,
+        eps: f64,
+    },
+    LayerNorm {
+        eps: f64,
+    },
+    RmsNorm {
+        eps: f64,
+    },
     Relu,
-    LeakyRelu { slope: f64 },
-    Gelu { approx: GeluApprox },
+    LeakyRelu {
+        slope: f64,
+    },
+    Gelu {
+        approx: GeluApprox,
+    },
     Silu,
     Sigmoid,
     Tanh,
-    Dropout { p: f64 },
-    MaxPool { kernel: usize, stride: usize, padding: usize },
-    AvgPool { kernel: usize, stride: usize, padding: usize },
+    Dropout {
+        p: f64,
+    },
+    MaxPool {
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    },
+    AvgPool {
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    },
     GlobalAvgPool,
     Flatten,
     Add,
-    Concat { dim: usize },
+    Concat {
+        dim: usize,
+    },
     /// Token ids `[T]` -> `[T, dim]`; the vocabulary size comes from the data unless given.
-    Embedding { dim: usize, vocab: Option<usize> },
+    Embedding {
+        dim: usize,
+        vocab: Option<usize>,
+    },
     /// Adds a learned position embedding to `[T, D]` (up to `max_len` positions).
-    PosEmbedding { max_len: usize },
+    PosEmbedding {
+        max_len: usize,
+    },
     /// `[C, H, W]` -> `[H*W, C]`: an image feature map as a token sequence (ViT patches).
     Tokens,
     /// `[T, D]` -> `[D]`: mean over tokens (classification head of a ViT).
     MeanTokens,
     /// Multi-head self-attention with its own projections.
-    Attention { heads: usize, causal: bool },
+    Attention {
+        heads: usize,
+        causal: bool,
+    },
     /// Pre-norm transformer block: `x + attn(ln(x))`, then `x + mlp(ln(x))` with GELU.
-    TransformerBlock { heads: usize, mlp_ratio: usize, causal: bool, dropout: f64 },
+    TransformerBlock {
+        heads: usize,
+        mlp_ratio: usize,
+        causal: bool,
+        dropout: f64,
+    },
     /// ResNet block (basic: two 3x3 convs; bottleneck: 1x1-3x3-1x1 with 4x expansion), with
     /// batch norm and a projection shortcut when the shape changes.
-    ResidualBlock { out: usize, stride: usize, bottleneck: bool },
+    ResidualBlock {
+        out: usize,
+        stride: usize,
+        bottleneck: bool,
+    },
     /// Graph convolution `Â X W + b` over the dataset's normalised adjacency.
-    Gcn { out: Width, bias: bool },
+    Gcn {
+        out: Width,
+        bias: bool,
+    },
 }
 
 /// An output width: a number, or `"classes"` — the data's class count (vocabulary size for a
@@ -103,7 +157,11 @@ struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     fn err(&self, field: &str, msg: impl std::fmt::Display) -> anyhow::Error {
-        anyhow!("{}: layer `{}`, field `{field}`: {msg}", self.source, self.layer)
+        anyhow!(
+            "{}: layer `{}`, field `{field}`: {msg}",
+            self.source,
+            self.layer
+        )
     }
     fn get(&mut self, key: &'static str) -> Option<&'a Toml> {
         self.used.insert(key);
@@ -117,7 +175,8 @@ impl<'a> Fields<'a> {
         }
     }
     fn usize(&mut self, key: &'static str) -> Result<usize> {
-        self.usize_opt(key)?.ok_or_else(|| self.err(key, "missing (required for this op)"))
+        self.usize_opt(key)?
+            .ok_or_else(|| self.err(key, "missing (required for this op)"))
     }
     fn positive(&mut self, key: &'static str) -> Result<usize> {
         let v = self.usize(key)?;
@@ -160,7 +219,10 @@ impl<'a> Fields<'a> {
             Some(Toml::String(s)) if s == "classes" => Ok(Width::Classes),
             Some(Toml::Integer(i)) if *i > 0 => Ok(Width::Fixed(*i as usize)),
             None => Err(self.err(key, "missing (required for this op)")),
-            Some(v) => Err(self.err(key, format!("expected a positive integer or \"classes\", got {v}"))),
+            Some(v) => Err(self.err(
+                key,
+                format!("expected a positive integer or \"classes\", got {v}"),
+            )),
         }
     }
     fn prob(&mut self, key: &'static str, default: f64) -> Result<f64> {
@@ -179,7 +241,9 @@ impl<'a> Fields<'a> {
     }
     fn finish(&self) -> Result<()> {
         for key in self.table.keys() {
-            if !self.used.contains(key.as_str()) && !["name", "op", "inputs"].contains(&key.as_str()) {
+            if !self.used.contains(key.as_str())
+                && !["name", "op", "inputs"].contains(&key.as_str())
+            {
                 return Err(self.err(key, "unknown field for this op (misspelt?)"));
             }
         }
@@ -187,13 +251,17 @@ impl<'a> Fields<'a> {
     }
 }
 
-const OPS: &str = "linear, conv2d, batch_norm, layer_norm, rms_norm, relu, leaky_relu, gelu, silu, \
+const OPS: &str =
+    "linear, conv2d, batch_norm, layer_norm, rms_norm, relu, leaky_relu, gelu, silu, \
 sigmoid, tanh, dropout, max_pool, avg_pool, global_avg_pool, flatten, add, concat, embedding, \
 pos_embedding, tokens, mean_tokens, attention, transformer_block, residual_block, gcn";
 
 fn parse_op(op: &str, f: &mut Fields) -> Result<LayerOp> {
     Ok(match op {
-        "linear" => LayerOp::Linear { out: f.width("out")?, bias: f.bool_or("bias", true)? },
+        "linear" => LayerOp::Linear {
+            out: f.width("out")?,
+            bias: f.bool_or("bias", true)?,
+        },
         "conv2d" => {
             let out = f.positive("out")?;
             let kernel = f.positive("kernel")?;
@@ -208,49 +276,86 @@ fn parse_op(op: &str, f: &mut Fields) -> Result<LayerOp> {
             };
             if let LayerOp::Conv2d { groups, .. } = op {
                 if out % groups != 0 {
-                    return Err(f.err("groups", format!("out = {out} is not divisible by groups = {groups}")));
+                    return Err(f.err(
+                        "groups",
+                        format!("out = {out} is not divisible by groups = {groups}"),
+                    ));
                 }
             }
             op
         }
-        "batch_norm" => LayerOp::BatchNorm { momentum: f.prob("momentum", 0.1)?, eps: f.positive_f64("eps", 1e-5)? },
-        "layer_norm" => LayerOp::LayerNorm { eps: f.positive_f64("eps", 1e-5)? },
-        "rms_norm" => LayerOp::RmsNorm { eps: f.positive_f64("eps", 1e-6)? },
+        "batch_norm" => LayerOp::BatchNorm {
+            momentum: f.prob("momentum", 0.1)?,
+            eps: f.positive_f64("eps", 1e-5)?,
+        },
+        "layer_norm" => LayerOp::LayerNorm {
+            eps: f.positive_f64("eps", 1e-5)?,
+        },
+        "rms_norm" => LayerOp::RmsNorm {
+            eps: f.positive_f64("eps", 1e-6)?,
+        },
         "relu" => LayerOp::Relu,
-        "leaky_relu" => LayerOp::LeakyRelu { slope: f.f64_or("slope", 0.01)? },
+        "leaky_relu" => LayerOp::LeakyRelu {
+            slope: f.f64_or("slope", 0.01)?,
+        },
         "gelu" => LayerOp::Gelu {
             approx: match f.str_opt("approx")?.unwrap_or("tanh") {
                 "tanh" => GeluApprox::Tanh,
                 "erf" => GeluApprox::Erf,
-                other => return Err(f.err("approx", format!("`{other}`: expected \"tanh\" or \"erf\""))),
+                other => {
+                    return Err(f.err("approx", format!("`{other}`: expected \"tanh\" or \"erf\"")))
+                }
             },
         },
         "silu" => LayerOp::Silu,
         "sigmoid" => LayerOp::Sigmoid,
         "tanh" => LayerOp::Tanh,
-        "dropout" => LayerOp::Dropout { p: f.prob("p", 0.1)? },
+        "dropout" => LayerOp::Dropout {
+            p: f.prob("p", 0.1)?,
+        },
         "max_pool" | "avg_pool" => {
             let kernel = f.positive("kernel")?;
             let stride = f.positive_or("stride", kernel)?;
             let padding = f.usize_opt("padding")?.unwrap_or(0);
             if padding * 2 > kernel {
-                return Err(f.err("padding", format!("{padding} is more than half the kernel ({kernel})")));
+                return Err(f.err(
+                    "padding",
+                    format!("{padding} is more than half the kernel ({kernel})"),
+                ));
             }
             if op == "max_pool" {
-                LayerOp::MaxPool { kernel, stride, padding }
+                LayerOp::MaxPool {
+                    kernel,
+                    stride,
+                    padding,
+                }
             } else {
-                LayerOp::AvgPool { kernel, stride, padding }
+                LayerOp::AvgPool {
+                    kernel,
+                    stride,
+                    padding,
+                }
             }
         }
         "global_avg_pool" => LayerOp::GlobalAvgPool,
         "flatten" => LayerOp::Flatten,
         "add" => LayerOp::Add,
-        "concat" => LayerOp::Concat { dim: f.usize_opt("dim")?.unwrap_or(0) },
-        "embedding" => LayerOp::Embedding { dim: f.positive("dim")?, vocab: f.usize_opt("vocab")? },
-        "pos_embedding" => LayerOp::PosEmbedding { max_len: f.positive("max_len")? },
+        "concat" => LayerOp::Concat {
+            dim: f.usize_opt("dim")?.unwrap_or(0),
+        },
+        "embedding" => LayerOp::Embedding {
+            dim: f.positive("dim")?,
+            vocab: f.usize_opt("vocab")?,
+        },
+        "pos_embedding" => LayerOp::PosEmbedding {
+            max_len: f.positive("max_len")?,
+        },
         "tokens" => LayerOp::Tokens,
         "mean_tokens" => LayerOp::MeanTokens,
-        "attention" => LayerOp::Attention { heads: f.positive("heads")?, causal: f.bool_or("causal", false)? },
+        "attention" => LayerOp::Attention {
+            heads: f.positive("heads")?,
+            causal: f.bool_or("causal", false)?,
+        },
         "transformer_block" => LayerOp::TransformerBlock {
             heads: f.positive("heads")?,
             mlp_ratio: f.positive_or("mlp_ratio", 4)?,
@@ -261,11 +366,23 @@ fn parse_op(op: &str, f: &mut Fields) -> Result<LayerOp> {
             let bottleneck = match f.str_opt("kind")?.unwrap_or("basic") {
                 "basic" => false,
                 "bottleneck" => true,
-                other => return Err(f.err("kind", format!("`{other}`: expected \"basic\" or \"bottleneck\""))),
+                other => {
+                    return Err(f.err(
+                        "kind",
+                        format!("`{other}`: expected \"basic\" or \"bottleneck\""),
+                    ))
+                }
             };
-            LayerOp::ResidualBlock { out: f.positive("out")?, stride: f.positive_or("stride", 1)?, bottleneck }
+            LayerOp::ResidualBlock {
+                out: f.positive("out")?,
+                stride: f.positive_or("stride", 1)?,
+                bottleneck,
+            }
         }
-        "gcn" => LayerOp::Gcn { out: f.width("out")?, bias: f.bool_or("bias", true)? },
+        "gcn" => LayerOp::Gcn {
+            out: f.width("out")?,
+            bias: f.bool_or("bias", true)?,
+        },
         other => return Err(f.err("op", format!("unknown op `{other}` (known: {OPS})"))),
     })
 }
@@ -273,7 +390,9 @@ fn parse_op(op: &str, f: &mut Fields) -> Result<LayerOp> {
 impl ModelDef {
     /// Parses a definition; `source` names it in errors (a path or `preset:NAME`).
     pub fn parse(text: &str, source: &str) -> Result<ModelDef> {
-        let doc: Table = text.parse().map_err(|e| anyhow!("{source}: not valid TOML: {e}"))?;
+        let doc: Table = text
+            .parse()
+            .map_err(|e| anyhow!("{source}: not valid TOML: {e}"))?;
         for key in doc.keys() {
             if !["name", "description", "layer"].contains(&key.as_str()) {
                 bail!("{source}: unknown top-level field `{key}` (expected name, description, [[layer]])");
@@ -300,7 +419,10 @@ impl ModelDef {
             let name = match t.get("name") {
                 Some(Toml::String(s)) if !s.is_empty() => s.clone(),
                 None => format!("layer{}", i + 1),
-                Some(v) => bail!("{source}: layer #{}: field `name`: expected a non-empty string, got {v}", i + 1),
+                Some(v) => bail!(
+                    "{source}: layer #{}: field `name`: expected a non-empty string, got {v}",
+                    i + 1
+                ),
             };
             if seen.contains(&name) {
                 bail!("{source}: layer `{name}`, field `name`: defined twice (or clashes with `input`)");
@@ -308,7 +430,9 @@ impl ModelDef {
             let op = match t.get("op") {
                 Some(Toml::String(s)) => s.clone(),
                 None => bail!("{source}: layer `{name}`, field `op`: missing (known: {OPS})"),
-                Some(v) => bail!("{source}: layer `{name}`, field `op`: expected a string, got {v}"),
+                Some(v) => {
+                    bail!("{source}: layer `{name}`, field `op`: expected a string, got {v}")
+                }
             };
             let inputs: Vec<String> = match t.get("inputs") {
                 None => vec![prev.clone()],
@@ -324,7 +448,9 @@ impl ModelDef {
             };
             for inp in &inputs {
                 if !seen.contains(inp) {
-                    let later = layers.iter().any(|l| l.get("name").and_then(|n| n.as_str()) == Some(inp));
+                    let later = layers
+                        .iter()
+                        .any(|l| l.get("name").and_then(|n| n.as_str()) == Some(inp));
                     bail!(
                         "{source}: layer `{name}`, field `inputs`: `{inp}` {}",
                         if later || *inp == name {
@@ -335,7 +461,12 @@ impl ModelDef {
                     );
                 }
             }
-            let mut fields = Fields { source, layer: &name, table: t, used: HashSet::new() };
+            let mut fields = Fields {
+                source,
+                layer: &name,
+                table: t,
+                used: HashSet::new(),
+            };
             let op = parse_op(&op, &mut fields)?;
             fields.finish()?;
             let arity_ok = match op {
@@ -346,7 +477,11 @@ impl ModelDef {
             if !arity_ok {
                 bail!(
                     "{source}: layer `{name}`, field `inputs`: this op takes {} input(s), got {}",
-                    if matches!(op, LayerOp::Add | LayerOp::Concat { .. }) { "2 or more" } else { "exactly 1" },
+                    if matches!(op, LayerOp::Add | LayerOp::Concat { .. }) {
+                        "2 or more"
+                    } else {
+                        "exactly 1"
+                    },
                     inputs.len()
                 );
             }
@@ -354,6 +489,10 @@ impl ModelDef {
             prev = name.clone();
             out.push(LayerDef { name, inputs, op });
         }
-        Ok(ModelDef { name, source: source.to_string(), layers: out })
+        Ok(ModelDef {
+            name,
+            source: source.to_string(),
+            layers: out,
+        })
     }
 }

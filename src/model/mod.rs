@@ -14,9 +14,15 @@ use std::path::Path;
 pub const PRESETS: &[(&str, &str)] = &[
     ("mlp", include_str!("../../models/mlp.toml")),
     ("cnn", include_str!("../../models/cnn.toml")),
-    ("resnet18-cifar", include_str!("../../models/resnet18-cifar.toml")),
+    (
+        "resnet18-cifar",
+        include_str!("../../models/resnet18-cifar.toml"),
+    ),
     ("resnet18", include_str!("../../models/resnet18.toml")),
-    ("resnet50-cifar", include_str!("../../models/resnet50-cifar.toml")),
+    (
+        "resnet50-cifar",
+        include_str!("../../models/resnet50-cifar.toml"),
+    ),
     ("resnet50", include_str!("../../models/resnet50.toml")),
     ("vit-tiny", include_str!("../../models/vit-tiny.toml")),
     ("gpt-char", include_str!("../../models/gpt-char.toml")),

@@ -4,7 +4,6 @@ use super::sum_to_shape;
 use crate::tape::{SaveAs, Tape, Value};
 use anyhow::Result;
 
-
 #[derive(Clone, Copy)]
 enum Arith {
     Add,
@@ -51,8 +50,16 @@ impl Tape {
             Arith::Div => true,
             _ => false,
         };
-        let ca = if save_a { Some(self.save(op, a, SaveAs::Activation)?) } else { None };
-        let cb = if save_b { Some(self.save(op, b, SaveAs::Activation)?) } else { None };
+        let ca = if save_a {
+            Some(self.save(op, a, SaveAs::Activation)?)
+        } else {
+            None
+        };
+        let cb = if save_b {
+            Some(self.save(op, b, SaveAs::Activation)?)
+        } else {
+            None
+        };
         self.record(op, &[a, b], y, move |g, needs| {
             let (ga, gb) = match kind {
                 Arith::Add => (Some(g.clone()), Some(g)),
@@ -70,7 +77,11 @@ impl Tape {
                 }
                 Arith::Div => {
                     let b = cb.as_ref().expect("div always saves b").load()?;
-                    let ga = if needs[0] { Some(g.broadcast_div(&b)?) } else { None };
+                    let ga = if needs[0] {
+                        Some(g.broadcast_div(&b)?)
+                    } else {
+                        None
+                    };
                     let gb = match (&ca, needs[1]) {
                         (Some(ca), true) => {
                             let a = ca.load()?;
@@ -96,7 +107,9 @@ impl Tape {
     /// `x * mul + add` for scalars. Context: none.
     pub fn affine(&mut self, x: &Value, mul: f64, add: f64) -> Result<Value> {
         let y = x.tensor().affine(mul, add)?;
-        self.record("affine", &[x], y, move |g, _| Ok(vec![Some(g.affine(mul, 0.0)?)]))
+        self.record("affine", &[x], y, move |g, _| {
+            Ok(vec![Some(g.affine(mul, 0.0)?)])
+        })
     }
 
     /// `x * s`. Context: none.
@@ -130,7 +143,9 @@ impl Tape {
         }
         let out = self.output(y);
         let cy = self.save("exp", &out, SaveAs::Activation)?;
-        self.record_output("exp", &[x], out, move |g, _| Ok(vec![Some(g.mul(&cy.load()?)?)]))
+        self.record_output("exp", &[x], out, move |g, _| {
+            Ok(vec![Some(g.mul(&cy.load()?)?)])
+        })
     }
 
     /// `ln(x)`. Context: `x`.
@@ -140,7 +155,9 @@ impl Tape {
             return Ok(self.constant(y));
         }
         let cx = self.save("log", x, SaveAs::Activation)?;
-        self.record("log", &[x], y, move |g, _| Ok(vec![Some(g.div(&cx.load()?)?)]))
+        self.record("log", &[x], y, move |g, _| {
+            Ok(vec![Some(g.div(&cx.load()?)?)])
+        })
     }
 
     /// Sum over `dims`. Context: the input shape.
@@ -200,7 +217,11 @@ impl Tape {
         }
         self.record(op, &[x], y, move |g, _| {
             let g = g.reshape(kept_shape)?.broadcast_as(&in_shape)?;
-            let g = if factor != 1.0 { g.affine(factor, 0.0)? } else { g.contiguous()? };
+            let g = if factor != 1.0 {
+                g.affine(factor, 0.0)?
+            } else {
+                g.contiguous()?
+            };
             Ok(vec![Some(g)])
         })
     }

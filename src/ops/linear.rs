@@ -10,15 +10,27 @@ impl Tape {
     /// Context: `a` if `b` needs a gradient, `b` if `a` does.
     pub fn matmul(&mut self, a: &Value, b: &Value) -> Result<Value> {
         if a.rank() < 2 || b.rank() < 2 {
-            bail!("matmul needs rank >= 2 operands, got {:?} and {:?}", a.dims(), b.dims());
+            bail!(
+                "matmul needs rank >= 2 operands, got {:?} and {:?}",
+                a.dims(),
+                b.dims()
+            );
         }
         let y = a.tensor().broadcast_matmul(b.tensor())?;
         if !self.needs_grad(&[a, b]) {
             return Ok(self.constant(y));
         }
         let (sa, sb) = (a.shape().clone(), b.shape().clone());
-        let ca = if b.is_tracked() { Some(self.save("matmul", a, SaveAs::Activation)?) } else { None };
-        let cb = if a.is_tracked() { Some(self.save("matmul", b, SaveAs::Activation)?) } else { None };
+        let ca = if b.is_tracked() {
+            Some(self.save("matmul", a, SaveAs::Activation)?)
+        } else {
+            None
+        };
+        let cb = if a.is_tracked() {
+            Some(self.save("matmul", b, SaveAs::Activation)?)
+        } else {
+            None
+        };
         self.record("matmul", &[a, b], y, move |g, needs| {
             let ga = match (&cb, needs[0]) {
                 (Some(cb), true) => {
@@ -62,8 +74,16 @@ impl Tape {
         if !self.needs_grad(&inputs) {
             return Ok(self.constant(y));
         }
-        let cx = if w.is_tracked() { Some(self.save("linear", x, SaveAs::Activation)?) } else { None };
-        let cw = if x.is_tracked() { Some(self.save("linear", w, SaveAs::Activation)?) } else { None };
+        let cx = if w.is_tracked() {
+            Some(self.save("linear", x, SaveAs::Activation)?)
+        } else {
+            None
+        };
+        let cw = if x.is_tracked() {
+            Some(self.save("linear", w, SaveAs::Activation)?)
+        } else {
+            None
+        };
         let x_shape = x.shape().clone();
         self.record("linear", &inputs, y, move |g, needs| {
             let g2 = g.reshape((rows, out_f))?;
