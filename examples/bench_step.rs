@@ -12,13 +12,17 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder, VarMap};
 use std::time::Instant;
 
+/// One engine's training step: (tape, params, x, labels) -> loss.
+type ActrainStep = Box<dyn Fn(&mut Tape, &ParamStore, &Tensor, &Tensor) -> Result<actrain::tape::Value>>;
+type CandleForward = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor>>;
+
 struct Model {
     name: &'static str,
     batch: usize,
     input: Vec<usize>,
-    actrain: Box<dyn Fn(&mut Tape, &ParamStore, &Tensor, &Tensor) -> Result<actrain::tape::Value>>,
+    actrain: ActrainStep,
     store: ParamStore,
-    candle: Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor>>,
+    candle: CandleForward,
     varmap: VarMap,
 }
 

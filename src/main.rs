@@ -17,7 +17,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a model definition on a dataset at a compression level.
-    Fit(cli::fit::FitArgs),
+    Fit(Box<cli::fit::FitArgs>),
     /// Where the memory of a training step goes, per saved context and per bucket, at each level.
     ProfileMemory(cli::profile_memory::ProfileArgs),
 }

@@ -99,6 +99,8 @@ fn mlp_forward(
     tape.mean_all(&h)
 }
 
+type Forward<'a> = &'a dyn Fn(&mut Tape, &ParamStore, &mut Option<Vec<Value>>) -> Result<Value>;
+
 struct Trace {
     after_forward: usize,
     context: usize,
@@ -111,7 +113,7 @@ struct Trace {
 /// stored outputs would do).
 fn measure(
     store: &mut ParamStore,
-    forward: &dyn Fn(&mut Tape, &ParamStore, &mut Option<Vec<Value>>) -> Result<Value>,
+    forward: Forward,
     leak: bool,
 ) -> Result<Trace> {
     let mut tape = Tape::new(Box::new(HalfCopy));

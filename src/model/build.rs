@@ -345,7 +345,7 @@ impl Model {
                 }
                 LayerOp::Attention { heads, .. } => {
                     need_rank(2, "[tokens, dim]")?;
-                    if x[1] % heads != 0 {
+                    if !x[1].is_multiple_of(*heads) {
                         return Err(err(format!(
                             "field `heads`: dim {} is not divisible by {heads} heads",
                             x[1]
@@ -358,7 +358,7 @@ impl Model {
                 } => {
                     need_rank(2, "[tokens, dim]")?;
                     let d = x[1];
-                    if d % heads != 0 {
+                    if !d.is_multiple_of(*heads) {
                         return Err(err(format!(
                             "field `heads`: dim {d} is not divisible by {heads} heads"
                         )));
@@ -527,9 +527,9 @@ impl Model {
             };
             slots[i + 1] = Some(out);
             // Free every output whose last reader just ran: the tape keeps only contexts.
-            for s in 0..=i {
+            for (s, slot) in slots.iter_mut().enumerate().take(i + 1) {
                 if self.last_use[s] == i && s != n {
-                    slots[s] = None;
+                    *slot = None;
                 }
             }
         }

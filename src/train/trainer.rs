@@ -292,8 +292,7 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
             Some(b) => Box::new(b.epoch_from(epoch, first_batch)),
             None => Box::new(std::iter::once(Ok((run.data.train.x.clone(), run.data.train.y.clone())))),
         };
-        let mut batch_in_epoch = first_batch as u64;
-        for batch in epoch_iter {
+        for (batch_in_epoch, batch) in (first_batch as u64 + 1..).zip(epoch_iter) {
             let (x, y) = batch?;
             let t0 = Instant::now();
             tape.set_step(step);
@@ -325,7 +324,6 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
             opt.step(&mut run.model.params, lr)?;
             run.model.params.zero_grad();
             step += 1;
-            batch_in_epoch += 1;
             let n = y.dims()[0];
             samples += n;
             loss_sum += loss_v as f64;
