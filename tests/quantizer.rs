@@ -547,3 +547,31 @@ fn packed_uints_round_trip() {
     assert_eq!(PackedUints::pack(&idx, 0), Err(QuantError::BadBits(0)));
     assert_eq!(PackedUints::pack(&idx, 9), Err(QuantError::BadBits(9)));
 }
+
+/// Unpacking a range of samples gives exactly those rows of the full unpack (chunked backward
+/// passes rely on it), at every width and for samples that are not a multiple of the group.
+#[test]
+fn dequantize_samples_matches_full_dequantize() {
+    use actrain::compress::{dequantize_samples, dequantize_to_vec, quantize, QuantParams};
+    for bits in [1u8, 2, 4, 8] {
+        for sample_len in [7usize, 256, 300, 1000] {
+            let n = 9;
+            let x: Vec<f32> = (0..n * sample_len)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let q = quantize(&x, sample_len, &QuantParams::new(bits, 3, 4)).unwrap();
+            let full = dequantize_to_vec(&q);
+            for (first, count) in [(0, 1), (2, 3), (8, 1), (0, 9)] {
+                let mut part = vec![0f32; count * sample_len];
+                dequantize_samples(&q, first, count, &mut part).unwrap();
+                assert_eq!(
+                    part,
+                    full[first * sample_len..(first + count) * sample_len],
+                    "bits {bits} len {sample_len} rows {first}+{count}"
+                );
+            }
+            let mut too_far = vec![0f32; 2 * sample_len];
+            assert!(dequantize_samples(&q, 8, 2, &mut too_far).is_err());
+        }
+    }
+}

@@ -5,7 +5,9 @@
 //! each saved tensor come from a [`BitPlan`]: [`UniformPlan`] gives every tensor the ladder
 //! rung that fits the budget; the gradient-variance allocator plugs in through the same trait.
 
-use super::{dequantize, quantize, BitMask, PackedUints, QuantParams, QuantizedTensor};
+use super::{
+    dequantize, dequantize_samples, quantize, BitMask, PackedUints, QuantParams, QuantizedTensor,
+};
 use crate::tape::{ContextPolicy, Packed, PackedContext, SaveAs, SaveRequest};
 use anyhow::{bail, Context as _, Result};
 use candle_core::{DType, Device, Shape, Storage, Tensor};
@@ -235,6 +237,25 @@ impl PackedContext for QuantContext {
         let mut out = vec![0f32; self.0.len()];
         dequantize(&self.0, &mut out).context("dequantizing a saved context")?;
         tensor_from_f32(out, shape, dtype, device)
+    }
+    fn unpack_rows(
+        &self,
+        shape: &Shape,
+        dtype: DType,
+        device: &Device,
+        first: usize,
+        count: usize,
+    ) -> Result<Tensor> {
+        let mut dims = shape.dims().to_vec();
+        // Rows are samples only when the tensor was quantized per sample along dim 0.
+        if dims.is_empty() || self.0.n_samples() != dims[0] {
+            return Ok(self.unpack(shape, dtype, device)?.narrow(0, first, count)?);
+        }
+        dims[0] = count;
+        let mut out = vec![0f32; count * self.0.sample_len()];
+        dequantize_samples(&self.0, first, count, &mut out)
+            .context("dequantizing a saved context")?;
+        tensor_from_f32(out, &Shape::from_dims(&dims), dtype, device)
     }
     fn stored_bytes(&self) -> usize {
         self.0.stored_bytes()

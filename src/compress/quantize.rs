@@ -207,30 +207,69 @@ where
 
 /// Dequantizes into `out` (`out.len()` must equal `q.len()`).
 pub fn dequantize(q: &QuantizedTensor, out: &mut [f32]) -> Result<(), QuantError> {
-    if out.len() != q.len {
+    dequantize_parts(q, q.len, &q.data, &q.mins, &q.scales, out)
+}
+
+/// Dequantizes samples `first..first + count` only, into `out` (`count * sample_len`
+/// elements). Backward passes that work in batch chunks unpack one chunk at a time, so the
+/// full-precision temporary is a chunk, not the whole tensor.
+pub fn dequantize_samples(
+    q: &QuantizedTensor,
+    first: usize,
+    count: usize,
+    out: &mut [f32],
+) -> Result<(), QuantError> {
+    if first + count > q.n_samples() {
+        return Err(QuantError::BadShape {
+            len: (first + count) * q.sample_len,
+            sample_len: q.sample_len,
+        });
+    }
+    let sample_bytes = (q.sample_len * q.bits as usize).div_ceil(8);
+    let groups = q.sample_len.div_ceil(q.group);
+    dequantize_parts(
+        q,
+        count * q.sample_len,
+        &q.data[first * sample_bytes..(first + count) * sample_bytes],
+        &q.mins[first * groups..(first + count) * groups],
+        &q.scales[first * groups..(first + count) * groups],
+        out,
+    )
+}
+
+/// The dequantization kernel over whole samples given as slices of `q`'s buffers.
+fn dequantize_parts(
+    q: &QuantizedTensor,
+    len: usize,
+    data: &[u8],
+    mins: &[bf16],
+    scales: &[bf16],
+    out: &mut [f32],
+) -> Result<(), QuantError> {
+    if out.len() != len {
         return Err(QuantError::LenMismatch {
-            expected: q.len,
+            expected: len,
             got: out.len(),
         });
     }
-    if q.len == 0 {
+    if len == 0 {
         return Ok(());
     }
     let isa = cpu::isa();
-    if q.len <= cpu::PAR_MIN_ELEMS {
+    if len <= cpu::PAR_MIN_ELEMS {
         let mut span = DeqSpan {
             out,
             seg_len: q.sample_len,
-            data: &q.data,
-            mins: &q.mins,
-            scales: &q.scales,
+            data,
+            mins,
+            scales,
         };
         dequant_dispatch(isa, q.bits, q.group, &mut span);
         return Ok(());
     }
-    let units = plan(q.len, q.sample_len, q.group, q.bits);
+    let units = plan(len, q.sample_len, q.group, q.bits);
     let mut jobs = Vec::with_capacity(units.len());
-    let (mut o, mut d, mut m, mut s) = (out, &q.data[..], &q.mins[..], &q.scales[..]);
+    let (mut o, mut d, mut m, mut s) = (out, data, mins, scales);
     for u in &units {
         let (o0, o1) = o.split_at_mut(u.elems);
         let (d0, d1) = d.split_at(u.bytes);

@@ -44,6 +44,19 @@ pub trait PackedContext {
     /// Rebuilds a tensor of `shape`/`dtype` on `device` (dequantized for [`SaveAs::Activation`],
     /// 0/1 for [`SaveAs::SignMask`], `U8` for [`SaveAs::Index`]).
     fn unpack(&self, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor>;
+    /// Rows `first..first + count` of dim 0 only (`shape` is the full shape). Chunked
+    /// backward passes use it so the unpacked temporary is one chunk; the default unpacks
+    /// everything and narrows.
+    fn unpack_rows(
+        &self,
+        shape: &Shape,
+        dtype: DType,
+        device: &Device,
+        first: usize,
+        count: usize,
+    ) -> Result<Tensor> {
+        Ok(self.unpack(shape, dtype, device)?.narrow(0, first, count)?)
+    }
     /// Bytes this representation really holds.
     fn stored_bytes(&self) -> usize;
     /// Average stored bits per element, including metadata.
@@ -120,6 +133,17 @@ impl Saved {
             (Packed::Full(t), SaveAs::SignMask) => Ok(t.gt(0.0)?.to_dtype(e.dtype)?),
             (Packed::Full(t), _) => Ok(t.clone()),
             (Packed::Compressed(c), _) => c.unpack(&e.shape, e.dtype, &e.device),
+        }
+    }
+    /// Unpacks rows `first..first + count` of dim 0 (a batch chunk).
+    pub fn load_rows(&self, first: usize, count: usize) -> Result<Tensor> {
+        let e = &*self.0;
+        match (&e.packed, e.kind) {
+            (Packed::Full(t), SaveAs::SignMask) => {
+                Ok(t.narrow(0, first, count)?.gt(0.0)?.to_dtype(e.dtype)?)
+            }
+            (Packed::Full(t), _) => Ok(t.narrow(0, first, count)?),
+            (Packed::Compressed(c), _) => c.unpack_rows(&e.shape, e.dtype, &e.device, first, count),
         }
     }
     pub fn shape(&self) -> &Shape {
