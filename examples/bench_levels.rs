@@ -24,22 +24,42 @@ fn main() -> Result<()> {
     let model_name = arg("--model", "resnet18-cifar");
     let batch: usize = arg("--batch", "32").parse()?;
     let reps: usize = arg("--reps", "5").parse()?;
-    let shape: Vec<usize> = arg("--shape", "3x32x32").split('x').map(|s| s.parse()).collect::<Result<_, _>>()?;
-    let spec = InputSpec { sample_shape: shape, tokens: false, vocab: None, num_outputs: 10, graph: false };
+    let shape: Vec<usize> = arg("--shape", "3x32x32")
+        .split('x')
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()?;
+    let spec = InputSpec {
+        sample_shape: shape,
+        tokens: false,
+        vocab: None,
+        num_outputs: 10,
+        graph: false,
+    };
     let def = load_def(&model_name)?;
     let (x, y) = synthetic_batch(&spec, batch, 1)?;
     let levels = [Level::L0, Level::L1, Level::L2, Level::L3, Level::L4];
     let mut models: Vec<(Model, Optimizer)> = levels
         .iter()
         .map(|_| -> Result<_> {
-            Ok((Model::build(&def, &spec, 1)?, Optimizer::new(OptimizerConfig::Sgd { momentum: 0.9, nesterov: false, weight_decay: 0.0 })))
+            Ok((
+                Model::build(&def, &spec, 1)?,
+                Optimizer::new(OptimizerConfig::Sgd {
+                    momentum: 0.9,
+                    nesterov: false,
+                    weight_decay: 0.0,
+                }),
+            ))
         })
         .collect::<Result<_>>()?;
     let mut times = vec![Vec::new(); levels.len()];
     for r in 0..reps + 1 {
         for (i, &level) in levels.iter().enumerate() {
             let (model, opt) = &mut models[i];
-            let policy = CompressPolicy::new(CompressConfig { level, seed: 1, ..Default::default() });
+            let policy = CompressPolicy::new(CompressConfig {
+                level,
+                seed: 1,
+                ..Default::default()
+            });
             let t0 = Instant::now();
             let mut tape = Tape::new(Box::new(policy));
             tape.begin_step();

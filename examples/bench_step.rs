@@ -13,7 +13,8 @@ use candle_nn::{Conv2dConfig, VarBuilder, VarMap};
 use std::time::Instant;
 
 /// One engine's training step: (tape, params, x, labels) -> loss.
-type ActrainStep = Box<dyn Fn(&mut Tape, &ParamStore, &Tensor, &Tensor) -> Result<actrain::tape::Value>>;
+type ActrainStep =
+    Box<dyn Fn(&mut Tape, &ParamStore, &Tensor, &Tensor) -> Result<actrain::tape::Value>>;
 type CandleForward = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor>>;
 
 struct Model {

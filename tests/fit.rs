@@ -27,14 +27,37 @@ fn small(level: Level) -> FitConfig {
 #[test]
 fn resumed_run_equals_the_uninterrupted_one() {
     // Uninterrupted: 2 epochs of 8 batches.
-    let full = fit(&FitConfig { out: Some(tmp("full")), ..small(Level::L3) }, &mut NoProgress).unwrap();
+    let full = fit(
+        &FitConfig {
+            out: Some(tmp("full")),
+            ..small(Level::L3)
+        },
+        &mut NoProgress,
+    )
+    .unwrap();
     assert_eq!(full.steps, 16);
 
     // Interrupted mid-epoch after 5 steps (a checkpoint is written), then resumed.
     let dir = tmp("resumed");
-    let first = fit(&FitConfig { out: Some(dir.clone()), max_steps: Some(5), ..small(Level::L3) }, &mut NoProgress).unwrap();
+    let first = fit(
+        &FitConfig {
+            out: Some(dir.clone()),
+            max_steps: Some(5),
+            ..small(Level::L3)
+        },
+        &mut NoProgress,
+    )
+    .unwrap();
     assert_eq!(first.steps, 5);
-    let rest = fit(&FitConfig { out: Some(dir.clone()), resume: Some(dir.clone()), ..small(Level::L3) }, &mut NoProgress).unwrap();
+    let rest = fit(
+        &FitConfig {
+            out: Some(dir.clone()),
+            resume: Some(dir.clone()),
+            ..small(Level::L3)
+        },
+        &mut NoProgress,
+    )
+    .unwrap();
     assert_eq!(rest.steps, 16);
 
     let mut resumed = first.step_losses.clone();
@@ -42,31 +65,67 @@ fn resumed_run_equals_the_uninterrupted_one() {
     assert_eq!(resumed.len(), full.step_losses.len());
     for ((s1, a), (s2, b)) in full.step_losses.iter().zip(&resumed) {
         assert_eq!(s1, s2);
-        assert_eq!(a.to_bits(), b.to_bits(), "step {s1}: uninterrupted loss {a}, resumed {b}");
+        assert_eq!(
+            a.to_bits(),
+            b.to_bits(),
+            "step {s1}: uninterrupted loss {a}, resumed {b}"
+        );
     }
     assert_eq!(full.test_accuracy, rest.test_accuracy);
     // Metrics were appended across both invocations: 16 step lines, 2 epoch lines.
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-    assert_eq!(metrics.lines().filter(|l| l.contains("\"kind\":\"step\"")).count(), 16);
-    assert_eq!(metrics.lines().filter(|l| l.contains("\"kind\":\"epoch\"")).count(), 2);
+    assert_eq!(
+        metrics
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"step\""))
+            .count(),
+        16
+    );
+    assert_eq!(
+        metrics
+            .lines()
+            .filter(|l| l.contains("\"kind\":\"epoch\""))
+            .count(),
+        2
+    );
     assert!(dir.join("config.json").exists() && dir.join("weights.safetensors").exists());
 }
 
 #[test]
 fn l3_trains_digits_like_l0() {
-    let cfg = |level| FitConfig { epochs: 6, limit: Some(640), ..small(level) };
+    let cfg = |level| FitConfig {
+        epochs: 6,
+        limit: Some(640),
+        ..small(level)
+    };
     let l0 = fit(&cfg(Level::L0), &mut NoProgress).unwrap();
     let l3 = fit(&cfg(Level::L3), &mut NoProgress).unwrap();
     println!("L0 {:.3} L3 {:.3}", l0.test_accuracy, l3.test_accuracy);
     assert!(l0.test_accuracy > 0.8, "L0 accuracy {}", l0.test_accuracy);
-    assert!((l0.test_accuracy - l3.test_accuracy).abs() < 0.05, "L0 {} vs L3 {}", l0.test_accuracy, l3.test_accuracy);
-    assert!(l3.context_bytes * 10 < l0.context_bytes, "L3 context {} vs L0 {}", l3.context_bytes, l0.context_bytes);
+    assert!(
+        (l0.test_accuracy - l3.test_accuracy).abs() < 0.05,
+        "L0 {} vs L3 {}",
+        l0.test_accuracy,
+        l3.test_accuracy
+    );
+    assert!(
+        l3.context_bytes * 10 < l0.context_bytes,
+        "L3 context {} vs L0 {}",
+        l3.context_bytes,
+        l0.context_bytes
+    );
 }
 
 /// Runs the binary; returns (exit code, stderr).
 fn actrain(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_actrain")).args(args).output().expect("run actrain");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_actrain"))
+        .args(args)
+        .output()
+        .expect("run actrain");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -74,24 +133,72 @@ fn bad_inputs_are_clear_errors() {
     let missing = tmp("no-such-dir");
     let missing = missing.to_str().unwrap();
     let bad_model = tmp("bad-model.toml");
-    std::fs::write(&bad_model, "[[layer]]\nname = \"x\"\nop = \"conv2d\"\nkernel = 3\n").unwrap();
+    std::fs::write(
+        &bad_model,
+        "[[layer]]\nname = \"x\"\nop = \"conv2d\"\nkernel = 3\n",
+    )
+    .unwrap();
     let resume_from = tmp("resume-src");
-    fit(&FitConfig { out: Some(resume_from.clone()), max_steps: Some(1), ..small(Level::L3) }, &mut NoProgress).unwrap();
+    fit(
+        &FitConfig {
+            out: Some(resume_from.clone()),
+            max_steps: Some(1),
+            ..small(Level::L3)
+        },
+        &mut NoProgress,
+    )
+    .unwrap();
     let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
-        (vec!["--data".into(), format!("mnist:{missing}")], vec!["--data", missing]),
-        (vec!["--data".into(), "imagenet".into()], vec!["--data", "imagenet"]),
-        (vec!["--model".into(), "resnet1000".into()], vec!["--model", "resnet1000", "resnet18"]),
-        (vec!["--model".into(), bad_model.to_str().unwrap().into()], vec!["bad-model.toml", "`x`", "`out`"]),
+        (
+            vec!["--data".into(), format!("mnist:{missing}")],
+            vec!["--data", missing],
+        ),
+        (
+            vec!["--data".into(), "imagenet".into()],
+            vec!["--data", "imagenet"],
+        ),
+        (
+            vec!["--model".into(), "resnet1000".into()],
+            vec!["--model", "resnet1000", "resnet18"],
+        ),
+        (
+            vec!["--model".into(), bad_model.to_str().unwrap().into()],
+            vec!["bad-model.toml", "`x`", "`out`"],
+        ),
         (vec!["--level".into(), "L9".into()], vec!["--level", "L9"]),
         (vec!["--bits".into(), "0.5".into()], vec!["--bits"]),
-        (vec!["--device".into(), "cuda:0".into()], vec!["cuda", "without CUDA"]),
-        (vec!["--device".into(), "tpu".into()], vec!["--device", "tpu"]),
-        (vec!["--schedule".into(), "linear".into()], vec!["--schedule", "linear"]),
-        (vec!["--batch-size".into(), "0".into()], vec!["--batch-size"]),
-        (vec!["--lr=-1".into()], vec!["--lr"]),
-        (vec!["--resume".into(), missing.into()], vec!["--resume", missing]),
         (
-            vec!["--resume".into(), resume_from.to_str().unwrap().into(), "--limit".into(), "256".into(), "--batch-size".into(), "32".into(), "--model".into(), "mlp".into()],
+            vec!["--device".into(), "cuda:0".into()],
+            vec!["cuda", "without CUDA"],
+        ),
+        (
+            vec!["--device".into(), "tpu".into()],
+            vec!["--device", "tpu"],
+        ),
+        (
+            vec!["--schedule".into(), "linear".into()],
+            vec!["--schedule", "linear"],
+        ),
+        (
+            vec!["--batch-size".into(), "0".into()],
+            vec!["--batch-size"],
+        ),
+        (vec!["--lr=-1".into()], vec!["--lr"]),
+        (
+            vec!["--resume".into(), missing.into()],
+            vec!["--resume", missing],
+        ),
+        (
+            vec![
+                "--resume".into(),
+                resume_from.to_str().unwrap().into(),
+                "--limit".into(),
+                "256".into(),
+                "--batch-size".into(),
+                "32".into(),
+                "--model".into(),
+                "mlp".into(),
+            ],
             vec!["--resume", "model"],
         ),
     ];
@@ -110,11 +217,18 @@ fn bad_inputs_are_clear_errors() {
 #[test]
 fn json_summary_on_stdout() {
     let out = Command::new(env!("CARGO_BIN_EXE_actrain"))
-        .args(["fit", "--quiet", "--json", "--epochs", "1", "--limit", "128", "--model", "mlp"])
+        .args([
+            "fit", "--quiet", "--json", "--epochs", "1", "--limit", "128", "--model", "mlp",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
     assert_eq!(v["model"], "mlp");
     assert!(v["test_accuracy"].as_f64().unwrap() > 0.0);
     assert!(v["context_bytes"].as_u64().unwrap() > 0);

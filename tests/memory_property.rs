@@ -111,11 +111,7 @@ struct Trace {
 
 /// One forward+backward, measured. `leak` keeps every forward output alive (what a tape that
 /// stored outputs would do).
-fn measure(
-    store: &mut ParamStore,
-    forward: Forward,
-    leak: bool,
-) -> Result<Trace> {
+fn measure(store: &mut ParamStore, forward: Forward, leak: bool) -> Result<Trace> {
     let mut tape = Tape::new(Box::new(HalfCopy));
     store.zero_grad();
     let base = current_bytes();

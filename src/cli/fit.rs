@@ -125,7 +125,10 @@ impl FitArgs {
             OptimizerName::Adamw => 1e-3,
         });
         if !(0.0..1.0).contains(&self.label_smoothing) {
-            bail!("--label-smoothing {} must be in [0, 1)", self.label_smoothing);
+            bail!(
+                "--label-smoothing {} must be in [0, 1)",
+                self.label_smoothing
+            );
         }
         if !(0.0..1.0).contains(&self.test_fraction) || self.test_fraction == 0.0 {
             bail!("--test-fraction {} must be in (0, 1)", self.test_fraction);
@@ -169,9 +172,11 @@ impl Progress for Bars {
         if self.show {
             let bar = ProgressBar::new(batches);
             bar.set_style(
-                ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({per_sec})")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({per_sec})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             bar.set_prefix(format!("{}", epoch + 1));
             bar.set_position(done);
@@ -211,13 +216,20 @@ pub fn run(args: &FitArgs) -> Result<()> {
             cfg.seed
         );
     }
-    let mut bars = Bars { show: super::show_progress(args.quiet), quiet: args.quiet, bar: None };
+    let mut bars = Bars {
+        show: super::show_progress(args.quiet),
+        quiet: args.quiet,
+        bar: None,
+    };
     let s = fit(&cfg, &mut bars)?;
     if args.json {
         println!("{}", serde_json::to_string(&s)?);
     } else {
         let ratio = s.context_bytes_uncompressed as f64 / s.context_bytes.max(1) as f64;
-        println!("model {} ({} parameters) on {}, level {}", s.model, s.parameters, s.data, s.level);
+        println!(
+            "model {} ({} parameters) on {}, level {}",
+            s.model, s.parameters, s.data, s.level
+        );
         println!(
             "test accuracy {:.2}%  test loss {:.4}  train loss {:.4}",
             s.test_accuracy * 100.0,
@@ -237,7 +249,10 @@ pub fn run(args: &FitArgs) -> Result<()> {
             human_bytes(s.peak_bytes)
         );
         if let Some(dir) = &cfg.out {
-            println!("checkpoint, config.json and metrics.jsonl in {}", dir.display());
+            println!(
+                "checkpoint, config.json and metrics.jsonl in {}",
+                dir.display()
+            );
         }
     }
     Ok(())
@@ -247,11 +262,31 @@ pub fn run(args: &FitArgs) -> Result<()> {
 /// continuation; compare against the saved config.json and name the first difference.
 fn check_resume_config(dir: &std::path::Path, cfg: &FitConfig) -> Result<()> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("--resume {}: cannot read {} (is this an --out directory of an earlier run?)", dir.display(), path.display()))?;
-    let saved: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "--resume {}: cannot read {} (is this an --out directory of an earlier run?)",
+            dir.display(),
+            path.display()
+        )
+    })?;
+    let saved: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
     let now = serde_json::to_value(cfg)?;
-    for key in ["model", "data", "level", "batch_size", "lr", "optimizer", "schedule", "warmup_steps", "seed", "limit", "seq_len", "test_fraction", "group_size"] {
+    for key in [
+        "model",
+        "data",
+        "level",
+        "batch_size",
+        "lr",
+        "optimizer",
+        "schedule",
+        "warmup_steps",
+        "seed",
+        "limit",
+        "seq_len",
+        "test_fraction",
+        "group_size",
+    ] {
         if saved.get(key) != now.get(key) {
             bail!(
                 "--resume {}: the run was started with {key} = {}, this invocation has {}; pass the original flags",

@@ -44,7 +44,10 @@ pub fn parse_levels(levels: &[String]) -> Result<Vec<Level>> {
     }
     levels
         .iter()
-        .map(|l| l.parse::<Level>().with_context(|| format!("--levels: `{l}`")))
+        .map(|l| {
+            l.parse::<Level>()
+                .with_context(|| format!("--levels: `{l}`"))
+        })
         .collect()
 }
 
@@ -54,10 +57,19 @@ pub fn run(args: &ProfileArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let opts = LoadOptions { seed: args.seed, seq_len: args.seq_len, limit: Some(64), ..Default::default() };
-    let dataset = data::load(&args.data, &opts).with_context(|| format!("loading --data {}", args.data))?;
+    let opts = LoadOptions {
+        seed: args.seed,
+        seq_len: args.seq_len,
+        limit: Some(64),
+        ..Default::default()
+    };
+    let dataset =
+        data::load(&args.data, &opts).with_context(|| format!("loading --data {}", args.data))?;
     if dataset.graph.is_some() {
-        bail!("--data {}: graph data trains full-batch; profile-memory profiles batched models", args.data);
+        bail!(
+            "--data {}: graph data trains full-batch; profile-memory profiles batched models",
+            args.data
+        );
     }
     let spec = input_spec(&dataset);
     let def = load_def(&args.model)?;
@@ -98,7 +110,11 @@ fn print_profile(model: &str, p: &MemoryProfile) {
             r.bits,
             human_bytes(r.stored_bytes),
             human_bytes(r.uncompressed_bytes),
-            if r.stored_bytes > 0 { format!("{:.1}x", ratio(r.uncompressed_bytes, r.stored_bytes)) } else { "-".into() }
+            if r.stored_bytes > 0 {
+                format!("{:.1}x", ratio(r.uncompressed_bytes, r.stored_bytes))
+            } else {
+                "-".into()
+            }
         );
     }
     println!(
@@ -109,16 +125,33 @@ fn print_profile(model: &str, p: &MemoryProfile) {
     );
     println!("\n| bucket | bytes |\n|---|---|");
     println!("| parameters | {} |", human_bytes(p.parameters));
-    println!("| buffers (batch-norm statistics) | {} |", human_bytes(p.buffers));
+    println!(
+        "| buffers (batch-norm statistics) | {} |",
+        human_bytes(p.buffers)
+    );
     println!("| gradients | {} |", human_bytes(p.gradients));
     println!("| optimizer state | {} |", human_bytes(p.optimizer_state));
     println!("| input batch | {} |", human_bytes(p.batch_bytes));
-    println!("| activations (saved context) | {} |", human_bytes(p.activations));
+    println!(
+        "| activations (saved context) | {} |",
+        human_bytes(p.activations)
+    );
     for ph in &p.phases {
-        println!("| peak above steady state during {} | {} |", ph.phase, human_bytes(ph.peak_bytes));
+        println!(
+            "| peak above steady state during {} | {} |",
+            ph.phase,
+            human_bytes(ph.peak_bytes)
+        );
     }
-    println!("| transient at the peak | {} |", human_bytes(p.transient_at_peak));
-    println!("| **peak** ({}) | **{}** |", p.peak_phase, human_bytes(p.peak_bytes));
+    println!(
+        "| transient at the peak | {} |",
+        human_bytes(p.transient_at_peak)
+    );
+    println!(
+        "| **peak** ({}) | **{}** |",
+        p.peak_phase,
+        human_bytes(p.peak_bytes)
+    );
 }
 
 fn print_comparison(profiles: &[MemoryProfile]) {

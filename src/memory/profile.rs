@@ -89,11 +89,25 @@ fn tensor_bytes(t: &Tensor) -> usize {
 }
 
 /// Profiles one training step of `model` at `level` on the batch `(x, y)`.
-pub fn profile_step(model: &mut Model, level: Level, x: &Tensor, y: &Tensor, seed: u64) -> Result<MemoryProfile> {
+pub fn profile_step(
+    model: &mut Model,
+    level: Level,
+    x: &Tensor,
+    y: &Tensor,
+    seed: u64,
+) -> Result<MemoryProfile> {
     let policy = || {
-        Box::new(CompressPolicy::new(CompressConfig { level, seed, ..Default::default() }))
+        Box::new(CompressPolicy::new(CompressConfig {
+            level,
+            seed,
+            ..Default::default()
+        }))
     };
-    let mut opt = Optimizer::new(OptimizerConfig::Sgd { momentum: 0.9, nesterov: false, weight_decay: 0.0 });
+    let mut opt = Optimizer::new(OptimizerConfig::Sgd {
+        momentum: 0.9,
+        nesterov: false,
+        weight_decay: 0.0,
+    });
     let ce = CrossEntropyOptions::default();
     // Warm-up step: optimizer state and the allocator's steady state exist afterwards.
     {
@@ -155,7 +169,10 @@ pub fn profile_step(model: &mut Model, level: Level, x: &Tensor, y: &Tensor, see
         end_bytes: current_bytes().saturating_sub(base),
     });
 
-    let top = phases.iter().max_by_key(|p| p.peak_bytes).expect("three phases");
+    let top = phases
+        .iter()
+        .max_by_key(|p| p.peak_bytes)
+        .expect("three phases");
     let batch_bytes = tensor_bytes(x) + tensor_bytes(y);
     let steady = parameters + buffers + opt.state_bytes() + batch_bytes;
     let persistent_in_phase = match top.phase {

@@ -60,7 +60,11 @@ impl Default for FitConfig {
             epochs: 8,
             batch_size: 64,
             lr: 0.05,
-            optimizer: OptimizerConfig::Sgd { momentum: 0.9, nesterov: true, weight_decay: 5e-4 },
+            optimizer: OptimizerConfig::Sgd {
+                momentum: 0.9,
+                nesterov: true,
+                weight_decay: 5e-4,
+            },
             schedule: ScheduleKind::Cosine { min_lr: 0.0 },
             warmup_steps: 20,
             clip_grad_norm: Some(5.0),
@@ -155,7 +159,10 @@ impl Run {
             correct += c;
             count += n;
         }
-        Ok((loss_sum / count.max(1) as f64, correct as f64 / count.max(1) as f64))
+        Ok((
+            loss_sum / count.max(1) as f64,
+            correct as f64 / count.max(1) as f64,
+        ))
     }
 }
 
@@ -213,7 +220,8 @@ fn write_config(dir: &Path, cfg: &FitConfig) -> Result<()> {
     let tmp = dir.join("config.json.tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(cfg)?)
         .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join("config.json")).with_context(|| format!("writing config in {}", dir.display()))?;
+    std::fs::rename(&tmp, dir.join("config.json"))
+        .with_context(|| format!("writing config in {}", dir.display()))?;
     Ok(())
 }
 
@@ -225,15 +233,27 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
     if !(cfg.lr > 0.0 && cfg.lr.is_finite()) {
         bail!("--lr {} must be a positive number", cfg.lr);
     }
-    let opts = LoadOptions { seed: cfg.seed, test_fraction: cfg.test_fraction, seq_len: cfg.seq_len, limit: cfg.limit };
-    let dataset = data::load(&cfg.data, &opts).with_context(|| format!("loading --data {}", cfg.data))?;
+    let opts = LoadOptions {
+        seed: cfg.seed,
+        test_fraction: cfg.test_fraction,
+        seq_len: cfg.seq_len,
+        limit: cfg.limit,
+    };
+    let dataset =
+        data::load(&cfg.data, &opts).with_context(|| format!("loading --data {}", cfg.data))?;
     let def = load_def(&cfg.model)?;
     let spec = input_spec(&dataset);
     let model = Model::build(&def, &spec, cfg.seed)?;
     let (graph, train_nodes, test_nodes) = match &dataset.graph {
         Some(g) => {
             let a = &g.adjacency;
-            let csr = CsrMatrix::new(g.num_nodes, g.num_nodes, a.row_ptr.clone(), a.col.clone(), a.val.clone())?;
+            let csr = CsrMatrix::new(
+                g.num_nodes,
+                g.num_nodes,
+                a.row_ptr.clone(),
+                a.col.clone(),
+                a.val.clone(),
+            )?;
             let dev = &candle_core::Device::Cpu;
             (
                 Some(Arc::new(csr)),
@@ -243,8 +263,18 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
         }
         None => (None, None, None),
     };
-    let ce = CrossEntropyOptions { label_smoothing: cfg.label_smoothing, ignore_index: None };
-    let mut run = Run { model, data: dataset, graph, train_nodes, test_nodes, ce };
+    let ce = CrossEntropyOptions {
+        label_smoothing: cfg.label_smoothing,
+        ignore_index: None,
+    };
+    let mut run = Run {
+        model,
+        data: dataset,
+        graph,
+        train_nodes,
+        test_nodes,
+        ce,
+    };
 
     let batcher = if run.graph.is_some() {
         None
@@ -253,18 +283,31 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
     };
     let batches_per_epoch = batcher.as_ref().map_or(1, |b| b.num_batches()) as u64;
     let total_steps = cfg.epochs * batches_per_epoch;
-    let schedule = Schedule { kind: cfg.schedule.clone(), base_lr: cfg.lr, warmup_steps: cfg.warmup_steps, total_steps };
+    let schedule = Schedule {
+        kind: cfg.schedule.clone(),
+        base_lr: cfg.lr,
+        warmup_steps: cfg.warmup_steps,
+        total_steps,
+    };
     let mut opt = Optimizer::new(cfg.optimizer.clone());
     let mut tape = Tape::new(Box::new(policy_for(cfg))).with_seed(cfg.seed);
 
-    let mut meta = CheckpointMeta { step: 0, epoch: 0, batch_in_epoch: 0, optimizer_steps: 0, best_metric: None, extra: serde_json::Value::Null };
+    let mut meta = CheckpointMeta {
+        step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        optimizer_steps: 0,
+        best_metric: None,
+        extra: serde_json::Value::Null,
+    };
     if let Some(dir) = &cfg.resume {
         meta = checkpoint::load(dir, &mut run.model.params, &mut opt)
             .with_context(|| format!("resuming from {}", dir.display()))?;
     }
     let mut metrics = match &cfg.out {
         Some(dir) => {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating --out directory {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating --out directory {}", dir.display()))?;
             write_config(dir, cfg)?;
             let f = std::fs::OpenOptions::new()
                 .create(true)
@@ -290,7 +333,10 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
         let (mut loss_sum, mut loss_n) = (0.0f64, 0usize);
         let epoch_iter: Box<dyn Iterator<Item = Result<(Tensor, Tensor)>>> = match &batcher {
             Some(b) => Box::new(b.epoch_from(epoch, first_batch)),
-            None => Box::new(std::iter::once(Ok((run.data.train.x.clone(), run.data.train.y.clone())))),
+            None => Box::new(std::iter::once(Ok((
+                run.data.train.x.clone(),
+                run.data.train.y.clone(),
+            )))),
         };
         for (batch_in_epoch, batch) in (first_batch as u64 + 1..).zip(epoch_iter) {
             let (x, y) = batch?;
@@ -312,7 +358,11 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
                 );
             }
             last_ctx = tape.live_context_bytes();
-            last_unc = tape.context_log().iter().map(|r| r.uncompressed_bytes).sum();
+            last_unc = tape
+                .context_log()
+                .iter()
+                .map(|r| r.uncompressed_bytes)
+                .sum();
             tape.backward(&loss, &mut run.model.params)?;
             if let Some(name) = grads_finite(&run.model.params)? {
                 bail!("the gradient of `{name}` became NaN/Inf at step {step}; stopping (checkpoints, if any, are from before this step)");
@@ -340,7 +390,14 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
             )?;
             if cfg.max_steps.is_some_and(|m| step >= m) {
                 if let Some(dir) = &cfg.out {
-                    let meta = CheckpointMeta { step, epoch, batch_in_epoch, optimizer_steps: opt.steps(), best_metric: None, extra: serde_json::Value::Null };
+                    let meta = CheckpointMeta {
+                        step,
+                        epoch,
+                        batch_in_epoch,
+                        optimizer_steps: opt.steps(),
+                        best_metric: None,
+                        extra: serde_json::Value::Null,
+                    };
                     checkpoint::save(dir, &run.model.params, &opt, &meta)?;
                 }
                 train_loss = loss_sum / loss_n.max(1) as f64;
@@ -363,7 +420,14 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
         epoch += 1;
         first_batch = 0;
         if let Some(dir) = &cfg.out {
-            let meta = CheckpointMeta { step, epoch, batch_in_epoch: 0, optimizer_steps: opt.steps(), best_metric: Some(test_acc), extra: serde_json::Value::Null };
+            let meta = CheckpointMeta {
+                step,
+                epoch,
+                batch_in_epoch: 0,
+                optimizer_steps: opt.steps(),
+                best_metric: Some(test_acc),
+                extra: serde_json::Value::Null,
+            };
             checkpoint::save(dir, &run.model.params, &opt, &meta)?;
         }
     }
