@@ -1,0 +1,1000 @@
+//! Normalisation: batch norm (per channel, over batch and space), layer norm and RMS norm
+//! (per row, over the last dim).
+//!
+//! Every one keeps its input as a quantizable activation plus the exact per-channel or
+//! per-row statistics, and backward recomputes `x̂` from the (possibly dequantized) input
+//! with those exact statistics. Note the input gradient is not linear in `x` (it contains
+//! `x̂ · mean(g x̂)`), so a stochastically rounded `x` makes it very slightly biased, by the
+//! rounding variance only; the exact statistics keep the bulk of it exact.
+//!
+//! On the CPU with f32/f64 tensors forward and backward run fused kernels (rayon over rows,
+//! or over channels and samples for batch norm; statistics accumulated in f64); elsewhere
+//! the same formulas run as candle ops.
+
+use crate::tape::{SaveAs, Tape, Value};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Layout, Storage, Tensor, WithDType};
+use rayon::prelude::*;
+use std::cell::Cell;
+
+/// Running statistics of a batch norm layer, `[C]` each (the layer's buffers).
+#[derive(Clone, Debug)]
+pub struct BatchNormStats {
+    pub mean: Tensor,
+    pub var: Tensor,
+}
+
+impl BatchNormStats {
+    /// PyTorch's initial values: mean 0, variance 1.
+    pub fn new(channels: usize, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self {
+            mean: Tensor::zeros(channels, dtype, device)?,
+            var: Tensor::ones(channels, dtype, device)?,
+        })
+    }
+}
+
+thread_local! {
+    static FORCE_GENERIC: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Tests only: make the norms on this thread use the candle-ops path instead of the CPU
+/// kernels (so both paths can be gradient-checked).
+#[doc(hidden)]
+pub fn force_generic_norm_kernels(on: bool) {
+    FORCE_GENERIC.with(|f| f.set(on));
+}
+
+/// The fused CPU kernels apply: every tensor on the CPU, all f32 or all f64.
+fn use_kernel(ts: &[&Tensor]) -> bool {
+    let Some(first) = ts.first() else {
+        return false;
+    };
+    let dtype = first.dtype();
+    !FORCE_GENERIC.with(|f| f.get())
+        && matches!(dtype, DType::F32 | DType::F64)
+        && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dtype)
+}
+
+fn cpu_slice<'a, T: WithDType>(s: &'a Storage, l: &Layout) -> Result<&'a [T]> {
+    let Storage::Cpu(cpu) = s else {
+        bail!("norm kernel: expected a CPU tensor");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("norm kernel: expected a contiguous tensor");
+    };
+    Ok(&cpu.as_slice::<T>()?[a..b])
+}
+
+/// Runs `f` on the contiguous data of `ts` (made contiguous first) as `&[T]` slices.
+fn with_slices<T: WithDType, R>(ts: &[&Tensor], f: impl FnOnce(&[&[T]]) -> Result<R>) -> Result<R> {
+    let ts: Vec<Tensor> = ts
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<_>>()?;
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let slices: Vec<&[T]> = guards
+        .iter()
+        .map(|(s, l)| cpu_slice::<T>(s, l))
+        .collect::<Result<_>>()?;
+    f(&slices)
+}
+
+/// `Σ_{i<n} f(i)` with eight partial sums in `T` (lets the compiler vectorise), added in f64.
+#[inline(always)]
+fn lane_sum<T: WithDType>(n: usize, f: impl Fn(usize) -> T) -> f64 {
+    let mut acc = [T::zero(); 8];
+    let full = n / 8 * 8;
+    let mut i = 0;
+    while i < full {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(i + l);
+        }
+        i += 8;
+    }
+    let mut s: f64 = acc.iter().map(|a| a.to_f64()).sum();
+    for j in full..n {
+        s += f(j).to_f64();
+    }
+    s
+}
+
+fn vec_tensor<T: WithDType>(v: Vec<T>, dims: &[usize]) -> Result<Tensor> {
+    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
+}
+
+// ---------------------------------------------------------------------------------------
+// Row kernels (layer norm, RMS norm) over contiguous `[rows, d]`.
+
+/// Returns `(y, mean, rstd)`; `mean` is all zeros (and unused) when `center` is false.
+fn row_norm_fwd<T: WithDType>(
+    x: &[T],
+    d: usize,
+    gamma: Option<&[T]>,
+    beta: Option<&[T]>,
+    eps: f64,
+    center: bool,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let rows = x.len() / d;
+    let mut y = vec![T::zero(); x.len()];
+    let mut mean = vec![T::zero(); rows];
+    let mut rstd = vec![T::zero(); rows];
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+        .for_each(|((y, x), (mean, rstd))| {
+            let m = if center {
+                lane_sum(d, |j| x[j]) / d as f64
+            } else {
+                0.0
+            };
+            let mt = T::from_f64(m);
+            let var = lane_sum(d, |j| {
+                let c = x[j] - mt;
+                c * c
+            }) / d as f64;
+            let r = T::from_f64(1.0 / (var + eps).sqrt());
+            *mean = mt;
+            *rstd = r;
+            match (gamma, beta) {
+                (Some(g), Some(b)) => {
+                    for (((y, &x), &g), &b) in y.iter_mut().zip(x).zip(g).zip(b) {
+                        *y = (x - mt) * r * g + b;
+                    }
+                }
+                (Some(g), None) => {
+                    for ((y, &x), &g) in y.iter_mut().zip(x).zip(g) {
+                        *y = (x - mt) * r * g;
+                    }
+                }
+                (None, Some(b)) => {
+                    for ((y, &x), &b) in y.iter_mut().zip(x).zip(b) {
+                        *y = (x - mt) * r + b;
+                    }
+                }
+                (None, None) => {
+                    for (y, &x) in y.iter_mut().zip(x) {
+                        *y = (x - mt) * r;
+                    }
+                }
+            }
+        });
+    (y, mean, rstd)
+}
+
+/// `(gx, ggamma, gbeta)` of a row norm, each only if asked for.
+type RowGrads<T> = (Option<Vec<T>>, Option<Vec<T>>, Option<Vec<T>>);
+/// Per-task partial sums `(Σ g x̂, Σ g)` over a block of rows.
+type Partial<T> = (Vec<T>, Vec<T>);
+
+/// Backward of a row norm. `x = None` when no `x̂` is needed (only beta wants a gradient).
+/// Returns `(gx, ggamma, gbeta)`, each only if asked for.
+#[allow(clippy::too_many_arguments)]
+fn row_norm_bwd<T: WithDType>(
+    g: &[T],
+    x: Option<(&[T], &[T], &[T])>, // (x, mean, rstd)
+    d: usize,
+    gamma: Option<&[T]>,
+    center: bool,
+    want: [bool; 3],
+) -> RowGrads<T> {
+    let rows = g.len() / d;
+    let want_gx = want[0] && x.is_some();
+    let want_gg = want[1] && x.is_some();
+    // Blocks of rows per task: enough tasks to balance, few partial vectors to add up.
+    let rb = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let block = |b: usize, mut gx: Option<&mut [T]>| -> Partial<T> {
+        let mut gg = vec![T::zero(); if want_gg { d } else { 0 }];
+        let mut gb = vec![T::zero(); if want[2] { d } else { 0 }];
+        for r in b * rb..((b + 1) * rb).min(rows) {
+            let gr = &g[r * d..(r + 1) * d];
+            if want[2] {
+                for (a, &v) in gb.iter_mut().zip(gr) {
+                    *a += v;
+                }
+            }
+            let Some((x, mean, rstd)) = x else { continue };
+            let xr = &x[r * d..(r + 1) * d];
+            let (m, rs) = (if center { mean[r] } else { T::zero() }, rstd[r]);
+            if want_gg {
+                for ((a, &gv), &xv) in gg.iter_mut().zip(gr).zip(xr) {
+                    *a += gv * (xv - m) * rs;
+                }
+            }
+            if let Some(gx) = gx.as_deref_mut() {
+                let gxr = &mut gx[(r - b * rb) * d..(r - b * rb + 1) * d];
+                let gam = |j: usize| gamma.map_or(T::one(), |gm| gm[j]);
+                let mean_gxh = if center {
+                    lane_sum(d, |j| gr[j] * gam(j)) / d as f64
+                } else {
+                    0.0
+                };
+                let mean_gxh_xh = lane_sum(d, |j| gr[j] * gam(j) * (xr[j] - m) * rs) / d as f64;
+                let (a, bb) = (T::from_f64(mean_gxh), T::from_f64(mean_gxh_xh));
+                match gamma {
+                    Some(gm) => {
+                        for (((o, &gv), &xv), &gmv) in gxr.iter_mut().zip(gr).zip(xr).zip(gm) {
+                            *o = rs * (gv * gmv - a - (xv - m) * rs * bb);
+                        }
+                    }
+                    None => {
+                        for ((o, &gv), &xv) in gxr.iter_mut().zip(gr).zip(xr) {
+                            *o = rs * (gv - a - (xv - m) * rs * bb);
+                        }
+                    }
+                }
+            }
+        }
+        (gg, gb)
+    };
+    let mut gx = if want_gx {
+        Some(vec![T::zero(); g.len()])
+    } else {
+        None
+    };
+    let partials: Vec<Partial<T>> = match gx.as_mut() {
+        Some(gx) => gx
+            .par_chunks_mut(rb * d)
+            .enumerate()
+            .map(|(b, c)| block(b, Some(c)))
+            .collect(),
+        None => (0..rows.div_ceil(rb))
+            .into_par_iter()
+            .map(|b| block(b, None))
+            .collect(),
+    };
+    let reduce = |pick: fn(&Partial<T>) -> &Vec<T>| -> Vec<T> {
+        let mut acc = vec![0f64; d];
+        for p in &partials {
+            for (a, &v) in acc.iter_mut().zip(pick(p)) {
+                *a += v.to_f64();
+            }
+        }
+        acc.into_iter().map(T::from_f64).collect()
+    };
+    let gg = if want_gg {
+        Some(reduce(|p| &p.0))
+    } else {
+        None
+    };
+    let gb = if want[2] {
+        Some(reduce(|p| &p.1))
+    } else {
+        None
+    };
+    (gx, gg, gb)
+}
+
+// ---------------------------------------------------------------------------------------
+// Batch-norm kernels over contiguous `[N, C, S]`.
+
+/// Per-channel `(Σ f(x) over N and S)` for every channel, in parallel over channels.
+fn channel_sums(n: usize, c: usize, f: impl Fn(usize, usize) -> f64 + Sync) -> Vec<f64> {
+    (0..c)
+        .into_par_iter()
+        .map(|ci| (0..n).map(|ni| f(ni, ci)).sum())
+        .collect()
+}
+
+/// Batch mean and biased variance per channel (f64, two passes).
+fn bn_stats<T: WithDType>(x: &[T], n: usize, c: usize, s: usize) -> (Vec<f64>, Vec<f64>) {
+    let m = (n * s) as f64;
+    let mean: Vec<f64> = channel_sums(n, c, |ni, ci| {
+        let p = &x[(ni * c + ci) * s..][..s];
+        lane_sum(s, |j| p[j])
+    })
+    .into_iter()
+    .map(|v| v / m)
+    .collect();
+    let var = channel_sums(n, c, |ni, ci| {
+        let p = &x[(ni * c + ci) * s..][..s];
+        let mt = T::from_f64(mean[ci]);
+        lane_sum(s, |j| {
+            let d = p[j] - mt;
+            d * d
+        })
+    })
+    .into_iter()
+    .map(|v| v / m)
+    .collect();
+    (mean, var)
+}
+
+/// `y = (x - mean[c]) * scale[c] + beta[c]`, in parallel over samples.
+fn bn_apply<T: WithDType>(
+    x: &[T],
+    c: usize,
+    s: usize,
+    mean: &[T],
+    scale: &[T],
+    beta: &[T],
+) -> Vec<T> {
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(c * s)
+        .zip(x.par_chunks(c * s))
+        .for_each(|(y, x)| {
+            for ci in 0..c {
+                let (m, k, b) = (mean[ci], scale[ci], beta[ci]);
+                for (y, &x) in y[ci * s..][..s].iter_mut().zip(&x[ci * s..][..s]) {
+                    *y = (x - m) * k + b;
+                }
+            }
+        });
+    y
+}
+
+/// Batch-norm backward. `x = Some((x, mean, invstd))` when `x̂` is needed; returns
+/// `(gx, Σ g x̂, Σ g)` (gx only if `gamma` is given).
+fn bn_bwd<T: WithDType>(
+    g: &[T],
+    x: Option<(&[T], &[T], &[T])>,
+    gamma: Option<&[T]>,
+    (n, c, s): (usize, usize, usize),
+    training: bool,
+) -> (Option<Vec<T>>, Vec<f64>, Vec<f64>) {
+    let sum_g = channel_sums(n, c, |ni, ci| {
+        let p = &g[(ni * c + ci) * s..][..s];
+        lane_sum(s, |j| p[j])
+    });
+    let Some((x, mean, invstd)) = x else {
+        return (None, vec![0.0; c], sum_g);
+    };
+    let sum_gxh = channel_sums(n, c, |ni, ci| {
+        let o = (ni * c + ci) * s;
+        let (gp, xp) = (&g[o..][..s], &x[o..][..s]);
+        let (m, k) = (mean[ci], invstd[ci]);
+        lane_sum(s, |j| gp[j] * (xp[j] - m) * k)
+    });
+    let gx = gamma.map(|gamma| {
+        let inv_m = 1.0 / (n * s) as f64;
+        let mut gx = vec![T::zero(); g.len()];
+        gx.par_chunks_mut(c * s)
+            .zip(g.par_chunks(c * s).zip(x.par_chunks(c * s)))
+            .for_each(|(gx, (g, x))| {
+                for ci in 0..c {
+                    let (m, k) = (mean[ci], invstd[ci]);
+                    let scale = gamma[ci] * k;
+                    let o = ci * s;
+                    let (gx, g, x) = (&mut gx[o..][..s], &g[o..][..s], &x[o..][..s]);
+                    if training {
+                        let a = T::from_f64(sum_g[ci] * inv_m);
+                        let b = T::from_f64(sum_gxh[ci] * inv_m);
+                        for ((o, &gv), &xv) in gx.iter_mut().zip(g).zip(x) {
+                            *o = scale * (gv - a - (xv - m) * k * b);
+                        }
+                    } else {
+                        for (o, &gv) in gx.iter_mut().zip(g) {
+                            *o = scale * gv;
+                        }
+                    }
+                }
+            });
+        gx
+    });
+    (gx, sum_gxh, sum_g)
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn check_vec(op: &str, what: &str, v: &Value, n: usize, x: &Value) -> Result<()> {
+    if v.dims() != [n] {
+        bail!(
+            "{op}: {what} must be [{n}], got {:?} (input {:?})",
+            v.dims(),
+            x.dims()
+        );
+    }
+    if v.dtype() != x.dtype() {
+        bail!(
+            "{op}: {what} is {:?} but the input is {:?}",
+            v.dtype(),
+            x.dtype()
+        );
+    }
+    Ok(())
+}
+
+/// `(rows, d)` of a last-dim normalisation, with its argument checks.
+fn rows_of(
+    op: &str,
+    x: &Value,
+    gamma: Option<&Value>,
+    beta: Option<&Value>,
+) -> Result<(usize, usize)> {
+    let dims = x.dims();
+    let Some(&d) = dims.last() else {
+        bail!("{op}: input must have at least one dim, got a scalar");
+    };
+    if d == 0 {
+        bail!("{op}: last dim of input {dims:?} is empty");
+    }
+    if let Some(g) = gamma {
+        check_vec(op, "gamma", g, d, x)?;
+    }
+    if let Some(b) = beta {
+        check_vec(op, "beta", b, d, x)?;
+    }
+    Ok((x.tensor().elem_count() / d, d))
+}
+
+/// Dispatches a generic kernel call on the dtype (F32 or F64).
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident, $($arg:expr),*) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            _ => $f::<f64>($($arg),*),
+        }
+    };
+}
+
+/// Batch-norm forward statistics and output: `(mean, invstd, y)` with `[C]` statistics,
+/// plus the biased batch variance in training.
+struct BnForward {
+    mean: Tensor,
+    invstd: Tensor,
+    batch_var: Option<Tensor>,
+    y: Tensor,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bn_forward_kernel<T: WithDType>(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running: Option<(&Tensor, &Tensor)>,
+    (n, c, s): (usize, usize, usize),
+    eps: f64,
+) -> Result<BnForward> {
+    let dims = x.dims().to_vec();
+    let (mean, var, batch_var) = match running {
+        None => {
+            let (mean, var) = with_slices::<T, _>(&[x], |v| Ok(bn_stats(v[0], n, c, s)))?;
+            let bv = vec_tensor(var.iter().map(|&v| T::from_f64(v)).collect(), &[c])?;
+            (mean, var, Some(bv))
+        }
+        Some((rm, rv)) => {
+            let rm: Vec<f64> = rm.to_dtype(DType::F64)?.to_vec1()?;
+            let rv: Vec<f64> = rv.to_dtype(DType::F64)?.to_vec1()?;
+            (rm, rv, None)
+        }
+    };
+    let invstd: Vec<f64> = var.iter().map(|&v| 1.0 / (v + eps).sqrt()).collect();
+    let mean_t: Vec<T> = mean.iter().map(|&v| T::from_f64(v)).collect();
+    let y = with_slices::<T, _>(&[x, gamma, beta], |v| {
+        let scale: Vec<T> = invstd
+            .iter()
+            .zip(v[1])
+            .map(|(&k, &g)| T::from_f64(k) * g)
+            .collect();
+        Ok(bn_apply(v[0], c, s, &mean_t, &scale, v[2]))
+    })?;
+    Ok(BnForward {
+        mean: vec_tensor(mean_t, &[c])?,
+        invstd: vec_tensor(invstd.into_iter().map(T::from_f64).collect(), &[c])?,
+        batch_var,
+        y: vec_tensor(y, &dims)?,
+    })
+}
+
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+fn bn_backward_kernel<T: WithDType>(
+    g: &Tensor,
+    x: Option<(&Tensor, &Tensor, &Tensor)>,
+    gamma: Option<&Tensor>,
+    ncs: (usize, usize, usize),
+    training: bool,
+    want: [bool; 3],
+) -> Result<Grads3> {
+    let c = ncs.1;
+    let mut ts = vec![g];
+    if let Some((x, m, k)) = x {
+        ts.extend([x, m, k]);
+    }
+    if let Some(gm) = gamma {
+        ts.push(gm);
+    }
+    let dims = g.dims().to_vec();
+    let (gx, sum_gxh, sum_g) = with_slices::<T, _>(&ts, |v| {
+        let xs = if x.is_some() {
+            Some((v[1], v[2], v[3]))
+        } else {
+            None
+        };
+        let gm = gamma.map(|_| v[v.len() - 1]);
+        Ok(bn_bwd(v[0], xs, gm, ncs, training))
+    })?;
+    let to_t = |v: Vec<f64>| vec_tensor(v.into_iter().map(T::from_f64).collect::<Vec<T>>(), &[c]);
+    Ok((
+        match gx {
+            Some(gx) if want[0] => Some(vec_tensor(gx, &dims)?),
+            _ => None,
+        },
+        if want[1] && x.is_some() {
+            Some(to_t(sum_gxh)?)
+        } else {
+            None
+        },
+        if want[2] { Some(to_t(sum_g)?) } else { None },
+    ))
+}
+
+fn row_forward_kernel<T: WithDType>(
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    (rows, d): (usize, usize),
+    eps: f64,
+    center: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let mut ts = vec![x];
+    ts.extend(gamma);
+    ts.extend(beta);
+    let (y, mean, rstd) = with_slices::<T, _>(&ts, |v| {
+        let gm = gamma.map(|_| v[1]);
+        let bt = beta.map(|_| v[v.len() - 1]);
+        Ok(row_norm_fwd(v[0], d, gm, bt, eps, center))
+    })?;
+    Ok((
+        vec_tensor(y, x.dims())?,
+        vec_tensor(mean, &[rows, 1])?,
+        vec_tensor(rstd, &[rows, 1])?,
+    ))
+}
+
+fn row_backward_kernel<T: WithDType>(
+    g: &Tensor,
+    x: Option<(&Tensor, &Tensor, &Tensor)>,
+    gamma: Option<&Tensor>,
+    d: usize,
+    center: bool,
+    want: [bool; 3],
+) -> Result<Grads3> {
+    let mut ts = vec![g];
+    if let Some((x, m, r)) = x {
+        ts.extend([x, m, r]);
+    }
+    ts.extend(gamma);
+    let (gx, gg, gb) = with_slices::<T, _>(&ts, |v| {
+        let xs = if x.is_some() {
+            Some((v[1], v[2], v[3]))
+        } else {
+            None
+        };
+        let gm = gamma.map(|_| v[v.len() - 1]);
+        Ok(row_norm_bwd(v[0], xs, d, gm, center, want))
+    })?;
+    Ok((
+        gx.map(|v| vec_tensor(v, g.dims())).transpose()?,
+        gg.map(|v| vec_tensor(v, &[d])).transpose()?,
+        gb.map(|v| vec_tensor(v, &[d])).transpose()?,
+    ))
+}
+
+impl Tape {
+    /// Batch normalisation of `x: [N, C]`, `[N, C, L]` or `[N, C, H, W]` per channel:
+    /// `y = (x - mean) / sqrt(var + eps) * gamma + beta` with `gamma`, `beta: [C]`.
+    ///
+    /// In training mode ([`Tape::is_training`]) mean and (biased) variance are the batch's,
+    /// over every dim but 1, and `running` is updated in place like PyTorch:
+    /// `running = (1 - momentum) running + momentum batch`, with the unbiased batch variance
+    /// for `running.var`. In eval mode `running` normalises and is left alone (and if
+    /// recording is on, gradients flow through the frozen statistics).
+    ///
+    /// Context: `x` as [`SaveAs::Activation`] (quantizable; only if `x` or `gamma` needs a
+    /// gradient), the per-channel `mean` and `invstd` used, `[C]`, as [`SaveAs::Exact`]
+    /// (tiny, and every gradient element depends on them), and `gamma` by reference if `x`
+    /// needs a gradient. Backward recomputes `x̂ = (x - mean) invstd`.
+    pub fn batch_norm(
+        &mut self,
+        x: &Value,
+        gamma: &Value,
+        beta: &Value,
+        running: &mut BatchNormStats,
+        momentum: f64,
+        eps: f64,
+    ) -> Result<Value> {
+        let op = "batch_norm";
+        let dims = x.dims().to_vec();
+        if !(2..=4).contains(&dims.len()) {
+            bail!("{op}: input must be [N, C], [N, C, L] or [N, C, H, W], got {dims:?}");
+        }
+        let (n, c) = (dims[0], dims[1]);
+        let s: usize = dims[2..].iter().product();
+        let m = n * s;
+        check_vec(op, "gamma", gamma, c, x)?;
+        check_vec(op, "beta", beta, c, x)?;
+        if running.mean.dims() != [c] || running.var.dims() != [c] {
+            bail!(
+                "{op}: running mean/var must be [{c}], got {:?} and {:?} (input {dims:?})",
+                running.mean.dims(),
+                running.var.dims()
+            );
+        }
+        if eps.is_nan() || eps < 0.0 {
+            bail!("{op}: eps must be >= 0, got {eps}");
+        }
+        let training = self.is_training();
+        if training && m < 2 {
+            bail!("{op}: training needs more than one value per channel, got input {dims:?}");
+        }
+        let dtype = x.dtype();
+        let ncs = (n, c, s);
+        let fwd = if use_kernel(&[x.tensor(), gamma.tensor(), beta.tensor()]) {
+            let run = if training {
+                None
+            } else {
+                Some((&running.mean, &running.var))
+            };
+            by_dtype!(
+                dtype,
+                bn_forward_kernel,
+                x.tensor(),
+                gamma.tensor(),
+                beta.tensor(),
+                run,
+                ncs,
+                eps
+            )?
+        } else {
+            bn_forward_generic(
+                x.tensor(),
+                gamma.tensor(),
+                beta.tensor(),
+                training,
+                running,
+                ncs,
+                eps,
+            )?
+        };
+        let BnForward {
+            mean,
+            invstd,
+            batch_var,
+            y,
+        } = fwd;
+        if let Some(var) = batch_var {
+            // Running statistics (buffers, not part of the graph).
+            let rd = running.mean.dtype();
+            let bm = mean.to_dtype(rd)?;
+            let bv = (var * (m as f64 / (m - 1) as f64))?.to_dtype(rd)?;
+            running.mean = ((&running.mean * (1.0 - momentum))? + (bm * momentum)?)?;
+            running.var = ((&running.var * (1.0 - momentum))? + (bv * momentum)?)?;
+        }
+        let inputs = [x, gamma, beta];
+        if !self.needs_grad(&inputs) {
+            return Ok(self.constant(y));
+        }
+        let need_x = x.is_tracked() || gamma.is_tracked();
+        let cx = if need_x {
+            Some((
+                self.save(op, x, SaveAs::Activation)?,
+                self.save_derived(op, &mean, SaveAs::Exact)?,
+                self.save_derived(op, &invstd, SaveAs::Exact)?,
+            ))
+        } else {
+            None
+        };
+        let cg = if x.is_tracked() {
+            Some(self.save(op, gamma, SaveAs::Activation)?)
+        } else {
+            None
+        };
+        drop((mean, invstd));
+        self.record(op, &inputs, y, move |g, needs| {
+            let want = [needs[0], needs[1], needs[2]];
+            let xs = match &cx {
+                Some((cx, cm, ci)) => Some((cx.load()?, cm.load()?, ci.load()?)),
+                None => None,
+            };
+            let gamma = cg.as_ref().map(|cg| cg.load()).transpose()?;
+            let xs_ref = xs.as_ref().map(|(a, b, c)| (a, b, c));
+            let mut ts = vec![&g];
+            if let Some((a, b, c)) = xs_ref {
+                ts.extend([a, b, c]);
+            }
+            ts.extend(gamma.as_ref());
+            let (gx, gg, gb) = if use_kernel(&ts) {
+                by_dtype!(
+                    g.dtype(),
+                    bn_backward_kernel,
+                    &g,
+                    xs_ref,
+                    gamma.as_ref(),
+                    ncs,
+                    training,
+                    want
+                )?
+            } else {
+                bn_backward_generic(&g, xs_ref, gamma.as_ref(), ncs, training, want)?
+            };
+            Ok(vec![
+                gx.map(|t| t.reshape(dims.as_slice())).transpose()?,
+                gg,
+                gb,
+            ])
+        })
+    }
+
+    /// Layer normalisation over the last dim: `y = (x - mean) / sqrt(var + eps) * gamma + beta`
+    /// per row (biased variance), `gamma`/`beta: [D]` optional.
+    ///
+    /// Context: `x` as [`SaveAs::Activation`] plus the per-row `mean` and `rstd` (`[rows, 1]`)
+    /// as [`SaveAs::Exact`] (only if `x` or `gamma` needs a gradient), and `gamma` by
+    /// reference if `x` needs a gradient. Backward recomputes `x̂` from them.
+    pub fn layer_norm(
+        &mut self,
+        x: &Value,
+        gamma: Option<&Value>,
+        beta: Option<&Value>,
+        eps: f64,
+    ) -> Result<Value> {
+        self.last_dim_norm("layer_norm", true, x, gamma, beta, eps)
+    }
+
+    /// RMS normalisation over the last dim: `y = x / sqrt(mean(x²) + eps) * gamma`.
+    ///
+    /// Context: `x` as [`SaveAs::Activation`] plus the per-row `rrms` (`[rows, 1]`) as
+    /// [`SaveAs::Exact`] (only if `x` or `gamma` needs a gradient), and `gamma` by reference
+    /// if `x` does.
+    pub fn rms_norm(&mut self, x: &Value, gamma: Option<&Value>, eps: f64) -> Result<Value> {
+        self.last_dim_norm("rms_norm", false, x, gamma, None, eps)
+    }
+
+    fn last_dim_norm(
+        &mut self,
+        op: &'static str,
+        center: bool,
+        x: &Value,
+        gamma: Option<&Value>,
+        beta: Option<&Value>,
+        eps: f64,
+    ) -> Result<Value> {
+        let (rows, d) = rows_of(op, x, gamma, beta)?;
+        if eps.is_nan() || eps < 0.0 {
+            bail!("{op}: eps must be >= 0, got {eps}");
+        }
+        let dims = x.dims().to_vec();
+        let (gt, bt) = (gamma.map(|g| g.tensor()), beta.map(|b| b.tensor()));
+        let mut ts = vec![x.tensor()];
+        ts.extend(gt);
+        ts.extend(bt);
+        let (y, mean, rstd) = if use_kernel(&ts) {
+            by_dtype!(
+                x.dtype(),
+                row_forward_kernel,
+                x.tensor(),
+                gt,
+                bt,
+                (rows, d),
+                eps,
+                center
+            )?
+        } else {
+            row_forward_generic(x.tensor(), gt, bt, (rows, d), eps, center)?
+        };
+        let mut inputs = vec![x];
+        inputs.extend(gamma);
+        inputs.extend(beta);
+        if !self.needs_grad(&inputs) {
+            return Ok(self.constant(y));
+        }
+        let need_x = x.is_tracked() || gamma.is_some_and(|g| g.is_tracked());
+        let cx = if need_x {
+            let cx = self.save(op, x, SaveAs::Activation)?;
+            let cm = if center {
+                Some(self.save_derived(op, &mean, SaveAs::Exact)?)
+            } else {
+                None
+            };
+            Some((cx, cm, self.save_derived(op, &rstd, SaveAs::Exact)?))
+        } else {
+            None
+        };
+        let cg = match gamma {
+            Some(g) if x.is_tracked() => Some(self.save(op, g, SaveAs::Activation)?),
+            _ => None,
+        };
+        drop((mean, rstd));
+        let (has_gamma, has_beta) = (gamma.is_some(), beta.is_some());
+        self.record(op, &inputs, y, move |g, needs| {
+            let ig = if has_gamma { Some(1) } else { None };
+            let ib = if has_beta {
+                Some(1 + has_gamma as usize)
+            } else {
+                None
+            };
+            let want = [
+                needs[0],
+                ig.is_some_and(|i| needs[i]),
+                ib.is_some_and(|i| needs[i]),
+            ];
+            let xs = match &cx {
+                Some((cx, cm, cr)) => {
+                    let r = cr.load()?;
+                    let m = match cm {
+                        Some(cm) => cm.load()?,
+                        None => r.zeros_like()?,
+                    };
+                    Some((cx.load()?.reshape((rows, d))?, m, r))
+                }
+                None => None,
+            };
+            let gamma = cg.as_ref().map(|cg| cg.load()).transpose()?;
+            let g2 = g.reshape((rows, d))?;
+            let xs_ref = xs.as_ref().map(|(a, b, c)| (a, b, c));
+            let mut ts = vec![&g2];
+            if let Some((a, b, c)) = xs_ref {
+                ts.extend([a, b, c]);
+            }
+            ts.extend(gamma.as_ref());
+            let (gx, gg, gb) = if use_kernel(&ts) {
+                by_dtype!(
+                    g2.dtype(),
+                    row_backward_kernel,
+                    &g2,
+                    xs_ref,
+                    gamma.as_ref(),
+                    d,
+                    center,
+                    want
+                )?
+            } else {
+                row_backward_generic(&g2, xs_ref, gamma.as_ref(), d, center, want)?
+            };
+            let mut grads: Vec<Option<Tensor>> =
+                vec![gx.map(|t| t.reshape(dims.as_slice())).transpose()?];
+            if has_gamma {
+                grads.push(gg);
+            }
+            if has_beta {
+                grads.push(gb);
+            }
+            Ok(grads)
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The same computations with candle ops (any device, any float dtype).
+
+fn bn_forward_generic(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    training: bool,
+    running: &BatchNormStats,
+    (n, c, s): (usize, usize, usize),
+    eps: f64,
+) -> Result<BnForward> {
+    let x3 = x.reshape((n, c, s))?;
+    let m = (n * s) as f64;
+    let (mean, var, batch_var) = if training {
+        let mean = (x3.sum_keepdim((0, 2))? / m)?; // [1, C, 1]
+        let var = (x3.broadcast_sub(&mean)?.sqr()?.sum_keepdim((0, 2))? / m)?.flatten_all()?;
+        (mean.flatten_all()?, var.clone(), Some(var))
+    } else {
+        (
+            running.mean.to_dtype(x.dtype())?,
+            running.var.to_dtype(x.dtype())?,
+            None,
+        )
+    };
+    let invstd = (var + eps)?.sqrt()?.recip()?;
+    let scale = (&invstd * gamma)?.reshape((1, c, 1))?;
+    let y = x3
+        .broadcast_sub(&mean.reshape((1, c, 1))?)?
+        .broadcast_mul(&scale)?
+        .broadcast_add(&beta.reshape((1, c, 1))?)?
+        .reshape(x.dims())?;
+    Ok(BnForward {
+        mean,
+        invstd,
+        batch_var,
+        y,
+    })
+}
+
+fn bn_backward_generic(
+    g: &Tensor,
+    x: Option<(&Tensor, &Tensor, &Tensor)>,
+    gamma: Option<&Tensor>,
+    (n, c, s): (usize, usize, usize),
+    training: bool,
+    want: [bool; 3],
+) -> Result<Grads3> {
+    let g3 = g.reshape((n, c, s))?;
+    let gbeta = g3.sum_keepdim((0, 2))?; // [1, C, 1]
+    let (mut gx, mut ggamma) = (None, None);
+    if let Some((x, mean, invstd)) = x {
+        let invstd = invstd.reshape((1, c, 1))?;
+        let xhat = x
+            .reshape((n, c, s))?
+            .broadcast_sub(&mean.reshape((1, c, 1))?)?
+            .broadcast_mul(&invstd)?;
+        let gg = (&g3 * &xhat)?.sum_keepdim((0, 2))?; // [1, C, 1]
+        if let (Some(gamma), true) = (gamma, want[0]) {
+            let k = invstd.broadcast_mul(&gamma.reshape((1, c, 1))?)?;
+            let t = if training {
+                // g - mean(g) - x̂ mean(g x̂), per channel.
+                let inv_m = 1.0 / (n * s) as f64;
+                g3.broadcast_sub(&(&gbeta * inv_m)?)?
+                    .sub(&xhat.broadcast_mul(&(&gg * inv_m)?)?)?
+            } else {
+                g3.clone()
+            };
+            gx = Some(t.broadcast_mul(&k)?);
+        }
+        if want[1] {
+            ggamma = Some(gg.flatten_all()?);
+        }
+    }
+    let gbeta = if want[2] {
+        Some(gbeta.flatten_all()?)
+    } else {
+        None
+    };
+    Ok((gx, ggamma, gbeta))
+}
+
+fn row_forward_generic(
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    (rows, d): (usize, usize),
+    eps: f64,
+    center: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let x2 = x.reshape((rows, d))?;
+    let inv_d = 1.0 / d as f64;
+    let (mean, xc) = if center {
+        let mean = (x2.sum_keepdim(1)? * inv_d)?; // [rows, 1]
+        let xc = x2.broadcast_sub(&mean)?;
+        (mean, xc)
+    } else {
+        (Tensor::zeros((rows, 1), x.dtype(), x.device())?, x2)
+    };
+    let rstd = ((xc.sqr()?.sum_keepdim(1)? * inv_d)? + eps)?
+        .sqrt()?
+        .recip()?; // [rows, 1]
+    let mut y = xc.broadcast_mul(&rstd)?;
+    if let Some(g) = gamma {
+        y = y.broadcast_mul(g)?;
+    }
+    if let Some(b) = beta {
+        y = y.broadcast_add(b)?;
+    }
+    Ok((y.reshape(x.dims())?, mean, rstd))
+}
+
+fn row_backward_generic(
+    g2: &Tensor,
+    x: Option<(&Tensor, &Tensor, &Tensor)>,
+    gamma: Option<&Tensor>,
+    d: usize,
+    center: bool,
+    want: [bool; 3],
+) -> Result<Grads3> {
+    let inv_d = 1.0 / d as f64;
+    let (mut gx, mut gg) = (None, None);
+    if let Some((x, mean, rstd)) = x {
+        let xhat = x.broadcast_sub(mean)?.broadcast_mul(rstd)?;
+        if want[1] {
+            gg = Some((g2 * &xhat)?.sum(0)?);
+        }
+        if want[0] {
+            let gxh = match gamma {
+                Some(gm) => g2.broadcast_mul(gm)?,
+                None => g2.clone(),
+            };
+            let dot = ((&gxh * &xhat)?.sum_keepdim(1)? * inv_d)?;
+            let mut t = gxh.sub(&xhat.broadcast_mul(&dot)?)?;
+            if center {
+                t = t.broadcast_sub(&(gxh.sum_keepdim(1)? * inv_d)?)?;
+            }
+            gx = Some(t.broadcast_mul(rstd)?);
+        }
+    }
+    let gb = if want[2] { Some(g2.sum(0)?) } else { None };
+    Ok((gx, gg, gb))
+}
