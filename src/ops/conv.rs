@@ -8,6 +8,7 @@
 use crate::tape::{SaveAs, Tape, Value};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Convolution hyper-parameters (square: the same in both spatial dims).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,6 +172,47 @@ fn conv2d_grad_weight(
     Ok(gw.contiguous()?)
 }
 
+/// Bytes of im2col workspace one convolution call may use (default 16 MiB). candle's CPU conv unfolds the
+/// input into `Cin·kh·kw × OH·OW` columns per sample — 9x the input for a 3x3 kernel — and the
+/// weight gradient does the same; over a whole batch that workspace, not the saved context,
+/// would dominate peak memory. Larger batches run in chunks of samples instead.
+const DEFAULT_WORKSPACE_BYTES: usize = 16 << 20;
+static WORKSPACE_BYTES: AtomicUsize = AtomicUsize::new(DEFAULT_WORKSPACE_BYTES);
+
+/// Sets the per-call im2col workspace (process-wide); smaller means more, smaller chunks.
+pub fn set_workspace_bytes(bytes: usize) {
+    WORKSPACE_BYTES.store(bytes.max(1), Ordering::Relaxed);
+}
+
+/// Samples per chunk so that a chunk's unfolded columns fit the workspace.
+fn chunk_rows(n: usize, per_sample: usize) -> usize {
+    (WORKSPACE_BYTES.load(Ordering::Relaxed) / per_sample.max(1)).clamp(1, n.max(1))
+}
+
+/// Runs `f` on consecutive batch chunks of `n` rows and writes each result into rows of one
+/// preallocated `[n, ..dims]` tensor, so only one chunk's temporaries live at a time.
+fn chunked_rows(
+    n: usize,
+    chunk: usize,
+    like: &Tensor,
+    dims: &[usize],
+    mut f: impl FnMut(usize, usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    if chunk >= n {
+        return f(0, n);
+    }
+    let mut full = vec![n];
+    full.extend_from_slice(dims);
+    let out = Tensor::zeros(full, like.dtype(), like.device())?;
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        out.slice_set(&f(start, len)?.contiguous()?, 0, start)?;
+        start += len;
+    }
+    Ok(out)
+}
+
 impl Tape {
     /// 2-D convolution (cross-correlation, like PyTorch) of `x: [N, Cin, H, W]` with
     /// `w: [Cout, Cin/groups, kh, kw]` plus an optional bias `b: [Cout]`, with zero padding,
@@ -189,7 +231,6 @@ impl Tape {
         p: Conv2dParams,
     ) -> Result<Value> {
         let op = "conv2d";
-        check_conv2d(x.dims(), w.dims(), b.map(|b| b.dims()), p)?;
         if x.dtype() != w.dtype() || b.is_some_and(|b| b.dtype() != x.dtype()) {
             bail!(
                 "{op}: dtypes differ: input {:?}, weight {:?}, bias {:?}",
@@ -198,10 +239,20 @@ impl Tape {
                 b.map(|b| b.dtype())
             );
         }
-        let mut y = x
-            .tensor()
-            .conv2d(w.tensor(), p.padding, p.stride, p.dilation, p.groups)?;
-        let cout = w.dims()[0];
+        let (oh, ow) = check_conv2d(x.dims(), w.dims(), b.map(|b| b.dims()), p)?;
+        let (n, cin) = (x.dims()[0], x.dims()[1]);
+        let (cout, kh, kw) = (w.dims()[0], w.dims()[2], w.dims()[3]);
+        let elem = x.dtype().size_in_bytes();
+        // Unfolded columns per sample: forward and weight gradient read the input this way.
+        let cols_in = cin * kh * kw * oh * ow * elem;
+        // The input gradient unfolds the output gradient over the input's positions.
+        let cols_out = cout * kh * kw * x.dims()[2] * x.dims()[3] * elem;
+        let (xt, wt) = (x.tensor(), w.tensor());
+        let mut y = chunked_rows(n, chunk_rows(n, cols_in), xt, &[cout, oh, ow], |s, len| {
+            Ok(xt
+                .narrow(0, s, len)?
+                .conv2d(wt, p.padding, p.stride, p.dilation, p.groups)?)
+        })?;
         if let Some(b) = b {
             y = y.broadcast_add(&b.tensor().reshape((1, cout, 1, 1))?)?;
         }
@@ -223,14 +274,40 @@ impl Tape {
             None
         };
         let (h, wd) = (x.dims()[2], x.dims()[3]);
-        let (kh, kw) = (w.dims()[2], w.dims()[3]);
         self.record(op, &inputs, y, move |g, needs| {
             let gx = match (&cw, needs[0]) {
-                (Some(cw), true) => Some(conv2d_grad_input(&g, &cw.load()?, h, wd, p)?),
+                (Some(cw), true) => {
+                    let w = cw.load()?;
+                    let chunk = chunk_rows(n, cols_out);
+                    Some(chunked_rows(n, chunk, &g, &[cin, h, wd], |s, len| {
+                        conv2d_grad_input(&g.narrow(0, s, len)?, &w, h, wd, p)
+                    })?)
+                }
                 _ => None,
             };
             let gw = match (&cx, needs[1]) {
-                (Some(cx), true) => Some(conv2d_grad_weight(&cx.load()?, &g, kh, kw, p)?),
+                (Some(cx), true) => {
+                    // Sum of per-chunk weight gradients; each chunk of the (possibly
+                    // quantized) input is unpacked on its own.
+                    let chunk = chunk_rows(n, cols_in);
+                    let mut acc: Option<Tensor> = None;
+                    let mut s = 0;
+                    while s < n {
+                        let len = chunk.min(n - s);
+                        let xs = if len == n {
+                            cx.load()?
+                        } else {
+                            cx.load_rows(s, len)?
+                        };
+                        let part = conv2d_grad_weight(&xs, &g.narrow(0, s, len)?, kh, kw, p)?;
+                        acc = Some(match acc {
+                            None => part,
+                            Some(a) => (a + part)?,
+                        });
+                        s += len;
+                    }
+                    acc
+                }
                 _ => None,
             };
             let mut grads = vec![gx, gw];

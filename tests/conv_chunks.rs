@@ -1,0 +1,168 @@
+//! Batch-chunked convolution (bounded im2col workspace) gives the same forward and gradients
+//! as one call over the whole batch, and is gradient-checked itself. Its own test binary:
+//! the workspace setting is process-wide.
+
+mod common;
+use actrain::compress::policy::{CompressConfig, CompressPolicy, Level};
+use actrain::ops::conv::{set_workspace_bytes, Conv2dParams};
+use actrain::tape::{ParamStore, Tape};
+use candle_core::{Device, Tensor};
+use common::{rand, run_cases, Case};
+use std::sync::Mutex;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Output and (x, w, b) gradients of sum(conv(x) * r) under `policy`.
+fn run(x: &Tensor, w: &Tensor, b: &Tensor, p: Conv2dParams, level: Level) -> Vec<Vec<f32>> {
+    let mut store = ParamStore::new();
+    let ids = [
+        store.add("x", x.clone()).unwrap(),
+        store.add("w", w.clone()).unwrap(),
+        store.add("b", b.clone()).unwrap(),
+    ];
+    let mut tape = Tape::new(Box::new(CompressPolicy::new(CompressConfig {
+        level,
+        seed: 9,
+        min_elements: 0,
+        ..Default::default()
+    })));
+    tape.begin_step();
+    let v: Vec<_> = ids.iter().map(|&i| tape.param(&store, i)).collect();
+    let y = tape.conv2d(&v[0], &v[1], Some(&v[2]), p).unwrap();
+    let r = tape.constant(
+        Tensor::randn(0f32, 1.0, y.dims(), &Device::Cpu)
+            .unwrap()
+            .affine(0.0, 0.5)
+            .unwrap(),
+    );
+    let out = y.tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let m = tape.mul(&y, &r).unwrap();
+    let loss = tape.sum_all(&m).unwrap();
+    tape.backward(&loss, &mut store).unwrap();
+    let mut res = vec![out];
+    for id in ids {
+        res.push(
+            store
+                .grad(id)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        );
+    }
+    res
+}
+
+#[test]
+fn chunked_convolution_equals_one_call() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dev = Device::Cpu;
+    for (p, cin, cout, k, hw) in [
+        (
+            Conv2dParams {
+                padding: 1,
+                ..Default::default()
+            },
+            4,
+            6,
+            3,
+            9,
+        ),
+        (
+            Conv2dParams {
+                stride: 2,
+                padding: 1,
+                ..Default::default()
+            },
+            3,
+            5,
+            3,
+            11,
+        ),
+        (
+            Conv2dParams {
+                groups: 2,
+                dilation: 2,
+                padding: 2,
+                ..Default::default()
+            },
+            4,
+            6,
+            3,
+            8,
+        ),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (7, cin, hw, hw), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.3, (cout, cin / p.groups, k, k), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.1, cout, &dev).unwrap();
+        for level in [Level::L0, Level::L3] {
+            set_workspace_bytes(usize::MAX);
+            let whole = run(&x, &w, &b, p, level);
+            // A workspace of one byte: every sample is its own chunk.
+            set_workspace_bytes(1);
+            let chunked = run(&x, &w, &b, p, level);
+            set_workspace_bytes(16 << 20);
+            for (i, (a, c)) in whole.iter().zip(&chunked).enumerate() {
+                let worst = a
+                    .iter()
+                    .zip(c)
+                    .map(|(u, v)| (u - v).abs() / (u.abs().max(v.abs()) + 1e-3))
+                    .fold(0f32, f32::max);
+                // Chunks change only the summation order of the weight gradient.
+                assert!(
+                    worst < 1e-4,
+                    "{p:?} {level:?} output/grad #{i}: chunked differs by {worst}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn chunked_convolution_gradient_check() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    set_workspace_bytes(1);
+    let cases = vec![
+        Case::new(
+            "conv2d (chunked)",
+            vec![
+                rand(&[5, 2, 6, 6], 1),
+                rand(&[3, 2, 3, 3], 2),
+                rand(&[3], 3),
+            ],
+            |t, x| {
+                t.conv2d(
+                    &x[0],
+                    &x[1],
+                    Some(&x[2]),
+                    Conv2dParams {
+                        padding: 1,
+                        ..Default::default()
+                    },
+                )
+            },
+        ),
+        Case::new(
+            "conv2d (chunked, stride 2)",
+            vec![
+                rand(&[3, 2, 7, 7], 4),
+                rand(&[4, 2, 3, 3], 5),
+                rand(&[4], 6),
+            ],
+            |t, x| {
+                t.conv2d(
+                    &x[0],
+                    &x[1],
+                    Some(&x[2]),
+                    Conv2dParams {
+                        stride: 2,
+                        ..Default::default()
+                    },
+                )
+            },
+        ),
+    ];
+    run_cases("conv chunked", cases);
+    set_workspace_bytes(16 << 20);
+}
