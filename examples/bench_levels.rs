@@ -4,8 +4,7 @@
 //! `cargo run --release --example bench_levels [-- --model resnet18-cifar --batch 32 --reps 5]`
 
 use actrain::compress::policy::{CompressConfig, CompressPolicy, Level};
-use actrain::memory::profile::synthetic_batch;
-use actrain::model::{load_def, InputSpec, Model};
+use actrain::model::{load_def, random_batch, InputSpec, Model};
 use actrain::ops::loss::CrossEntropyOptions;
 use actrain::tape::Tape;
 use actrain::train::optim::{Optimizer, OptimizerConfig};
@@ -36,7 +35,7 @@ fn main() -> Result<()> {
         graph: false,
     };
     let def = load_def(&model_name)?;
-    let (x, y) = synthetic_batch(&spec, batch, 1)?;
+    let (x, y) = random_batch(&spec, batch, 1)?;
     let levels = [Level::L0, Level::L1, Level::L2, Level::L3, Level::L4];
     let mut models: Vec<(Model, Optimizer)> = levels
         .iter()

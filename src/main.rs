@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Train a model definition on a dataset at a compression level.
     Fit(Box<cli::fit::FitArgs>),
+    /// The largest batch that fits a memory budget, at every compression level.
+    MaxBatch(Box<cli::max_batch::MaxBatchArgs>),
     /// Where the memory of a training step goes, per saved context and per bucket, at each level.
     ProfileMemory(cli::profile_memory::ProfileArgs),
 }
@@ -33,6 +35,7 @@ fn main() {
     let result = match &cli.command {
         Command::Fit(a) => cli::fit::run(a),
         Command::ProfileMemory(a) => cli::profile_memory::run(a),
+        Command::MaxBatch(a) => cli::max_batch::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

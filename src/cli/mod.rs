@@ -1,6 +1,7 @@
 //! Command-line front end: one file per command. Shared flags live here.
 
 pub mod fit;
+pub mod max_batch;
 pub mod profile_memory;
 
 use anyhow::{bail, Result};

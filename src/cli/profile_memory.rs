@@ -3,11 +3,9 @@
 //! phase — then a comparison across levels.
 
 use crate::compress::policy::Level;
-use crate::data::{self, LoadOptions};
 use crate::memory::human_bytes;
-use crate::memory::profile::{profile_step, synthetic_batch, MemoryProfile};
-use crate::model::{load_def, Model};
-use crate::train::trainer::input_spec;
+use crate::memory::profile::{profile_step, MemoryProfile};
+use crate::model::{load_def, random_batch, Model};
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
 
@@ -57,23 +55,9 @@ pub fn run(args: &ProfileArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let opts = LoadOptions {
-        seed: args.seed,
-        seq_len: args.seq_len,
-        limit: Some(64),
-        ..Default::default()
-    };
-    let dataset =
-        data::load(&args.data, &opts).with_context(|| format!("loading --data {}", args.data))?;
-    if dataset.graph.is_some() {
-        bail!(
-            "--data {}: graph data trains full-batch; profile-memory profiles batched models",
-            args.data
-        );
-    }
-    let spec = input_spec(&dataset);
+    let spec = crate::search::load_input_spec(&args.data, args.seq_len, args.seed)?;
     let def = load_def(&args.model)?;
-    let (x, y) = synthetic_batch(&spec, args.batch_size, args.seed)?;
+    let (x, y) = random_batch(&spec, args.batch_size, args.seed)?;
     let mut profiles = Vec::new();
     for level in levels {
         let mut model = Model::build(&def, &spec, args.seed)?;

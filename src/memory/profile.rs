@@ -6,12 +6,12 @@
 
 use super::{current_bytes, peak_bytes, reset_peak};
 use crate::compress::policy::{CompressConfig, CompressPolicy, Level};
-use crate::model::{InputSpec, Model};
+use crate::model::Model;
 use crate::ops::loss::CrossEntropyOptions;
 use crate::tape::Tape;
 use crate::train::optim::{Optimizer, OptimizerConfig};
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
 
 /// One saved context: which layer and op saved what, how, and what it costs.
@@ -56,32 +56,6 @@ pub struct MemoryProfile {
     /// At the peak, bytes that were neither steady state nor saved context: unpacked
     /// contexts, gradient buffers in flight, op workspaces.
     pub transient_at_peak: usize,
-}
-
-/// A random batch of the model's input shape (token ids for language models) and labels.
-pub fn synthetic_batch(spec: &InputSpec, batch: usize, seed: u64) -> Result<(Tensor, Tensor)> {
-    let dev = &Device::Cpu;
-    let mut dims = vec![batch];
-    dims.extend(&spec.sample_shape);
-    let n: usize = dims.iter().product();
-    let classes = spec.num_outputs.max(1) as u64;
-    let ids = |count: usize, salt: u64, m: u64| -> Vec<u32> {
-        (0..count as u64)
-            .map(|i| (crate::tape::splitmix64(seed ^ salt ^ i.wrapping_mul(0x9E37)) % m) as u32)
-            .collect()
-    };
-    let x = if spec.tokens {
-        let vocab = spec.vocab.unwrap_or(spec.num_outputs).max(1) as u64;
-        Tensor::from_vec(ids(n, 1, vocab), dims.clone(), dev)?
-    } else {
-        Tensor::randn(0f32, 1.0, dims.clone(), dev)?
-    };
-    let y = if spec.tokens {
-        Tensor::from_vec(ids(n, 2, classes), dims, dev)?
-    } else {
-        Tensor::from_vec(ids(batch, 2, classes), batch, dev)?
-    };
-    Ok((x, y))
 }
 
 fn tensor_bytes(t: &Tensor) -> usize {

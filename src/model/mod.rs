@@ -8,6 +8,7 @@ pub use build::{InputSpec, Model};
 pub use def::{LayerDef, LayerOp, ModelDef, Width};
 
 use anyhow::{bail, Context as _, Result};
+use candle_core::{Device, Tensor};
 use std::path::Path;
 
 /// The presets shipped in `models/`, embedded so `--model NAME` needs no file on disk.
@@ -48,4 +49,30 @@ pub fn load_def(spec: &str) -> Result<ModelDef> {
         "--model `{spec}`: neither a preset ({}) nor an existing file",
         preset_names().join(", ")
     )
+}
+
+/// A worst-case batch for a model's input (max-batch probes, profile-memory, benchmarks): random values of the full sample shape (or random token ids), random
+/// labels. Deterministic from `seed`.
+pub fn random_batch(input: &InputSpec, batch: usize, seed: u64) -> Result<(Tensor, Tensor)> {
+    let mut rng = crate::data::rng::Rng::new(crate::data::rng::mix(seed, 0x6D61_7862));
+    let mut shape = vec![batch];
+    shape.extend_from_slice(&input.sample_shape);
+    let n: usize = shape.iter().product();
+    let x = if input.tokens {
+        let vocab = input.vocab.unwrap_or(input.num_outputs).max(1);
+        let v: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
+        Tensor::from_vec(v, shape.as_slice(), &Device::Cpu)?
+    } else {
+        let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+        Tensor::from_vec(v, shape.as_slice(), &Device::Cpu)?
+    };
+    let classes = input.num_outputs.max(1);
+    let y = if input.tokens {
+        let v: Vec<u32> = (0..n).map(|_| rng.below(classes) as u32).collect();
+        Tensor::from_vec(v, shape.as_slice(), &Device::Cpu)?
+    } else {
+        let v: Vec<u32> = (0..batch).map(|_| rng.below(classes) as u32).collect();
+        Tensor::from_vec(v, batch, &Device::Cpu)?
+    };
+    Ok((x, y))
 }
