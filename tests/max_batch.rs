@@ -15,7 +15,12 @@ use std::sync::{Mutex, MutexGuard};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The previous test's thread frees its thread-local gemm buffers (~1 MiB) as it exits,
+    // after releasing the lock; let that land before measuring, or a probe's peak is
+    // understated by the foreign free.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    guard
 }
 
 const MIB: usize = 1 << 20;
