@@ -190,6 +190,8 @@ fn check_property(name: &str, t: &Trace) {
 #[test]
 fn deep_mlp_keeps_only_its_context() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Let the previous test thread's exit-time frees land before measuring.
+    std::thread::sleep(std::time::Duration::from_millis(100));
     let (mut store, ids) = mlp_params(8, 256)?;
     let x = Tensor::randn(0f32, 1.0, (128, 256), &Device::Cpu)?;
     let fwd = |t: &mut Tape, s: &ParamStore, leak: &mut Option<Vec<Value>>| {
@@ -250,6 +252,8 @@ fn cnn_forward(
 #[test]
 fn small_cnn_keeps_only_its_context() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Let the previous test thread's exit-time frees land before measuring.
+    std::thread::sleep(std::time::Duration::from_millis(100));
     let dev = Device::Cpu;
     let mut store = ParamStore::new();
     store.add(
