@@ -17,9 +17,15 @@ pub fn check_device(device: &str) -> Result<()> {
             if !idx.is_empty() && idx.parse::<usize>().is_err() {
                 bail!("--device `{d}`: expected cpu or cuda:N");
             }
+            if cfg!(feature = "cuda") {
+                bail!(
+                    "--device {d}: this build has the CUDA quantizer kernels, but training on a \
+                     GPU is not wired into the trainer yet; use --device cpu"
+                )
+            }
             bail!(
                 "--device {d}: this actrain binary was built without CUDA support; \
-                 rebuild with `cargo build --release --features cuda` (see README, GPU section)"
+                 rebuild with `bash scripts/build-cuda.sh` (see README, GPU section)"
             )
         }
         other => bail!("--device `{other}`: expected cpu or cuda:N"),

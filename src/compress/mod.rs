@@ -16,6 +16,8 @@
 //! the thread count or the CPU's vector width.
 
 pub mod bitpack;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod cpu;
 pub mod error;
 pub mod policy;

@@ -1,0 +1,613 @@
+//! The compressors on the GPU (feature `cuda`): `kernels/quantize.cu` launched through candle's
+//! CUDA backend. Bit-identical to the CPU versions in [`super::quantize`] and
+//! [`super::bitpack`] (same RNG, same bf16 rounding, same packed layouts; `tests/cuda.rs`).
+//!
+//! * [`quantize_cuda`]`(t, sample_len, &QuantParams) -> CudaQuantized` (codes, bf16 mins and
+//!   scales as `CudaSlice`s; [`CudaQuantized::into_parts`]) and [`dequantize_cuda`] /
+//!   [`dequantize_samples_cuda`] back to an f32 tensor on the same device.
+//! * [`mask_pack_cuda`] / [`mask_unpack_cuda`] ([`super::BitMask`] layout, `x > 0` mask) and
+//!   [`uints_pack_cuda`] / [`uints_unpack_cuda`] ([`super::PackedUints`] layout).
+//! * [`fill_uniform_cuda`]: the RNG itself, for parity checks.
+//!
+//! The PTX is built by `build.rs` with nvcc 13.0 and embedded; the module is loaded once per
+//! device on first use (`get_or_load_custom_func`). Input-validation errors are the CPU's
+//! [`QuantError`]s with the same indices (first error in memory order); detecting them costs
+//! one 8-byte device-to-host copy (a stream synchronisation) per quantize / uint pack.
+//! Tensors must be f32 (u8 for [`uints_pack_cuda`]); non-contiguous inputs are made
+//! contiguous first.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, CudaStorage, DType, Device, Shape, Storage, Tensor};
+use half::bf16;
+
+use super::error::QuantError;
+use super::quantize::{QuantParams, MAX_GROUP};
+
+/// PTX of `kernels/quantize.cu` (sm_90, PTX ISA 9.0), compiled by `build.rs`.
+pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quantize.ptx"));
+/// Name under which candle caches the loaded module.
+const MODULE: &str = "actrain_compress";
+/// Threads per block of the quantize kernel (`QBLOCK` in the .cu file).
+const QBLOCK: u32 = 256;
+/// Threads per block of the element-wise kernels (a multiple of 32: `mask_pack` uses ballots).
+const EBLOCK: u32 = 256;
+/// Grid caps: every kernel loops grid-stride, so capping the grid only bounds the launch.
+const MAX_GROUP_BLOCKS: u64 = 1 << 20;
+const MAX_ELEM_BLOCKS: u64 = 1 << 16;
+/// `err` value meaning "no error" (kernels atomicMin into it).
+const NO_ERROR: u64 = u64::MAX;
+
+/// Why a GPU compression call failed: a bad input (the CPU's error, same fields) or CUDA.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaCompressError {
+    #[error(transparent)]
+    Quant(#[from] QuantError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, CudaCompressError>;
+
+fn msg(s: String) -> CudaCompressError {
+    CudaCompressError::Candle(candle_core::Error::Msg(s))
+}
+
+/// A quantized tensor resident on the GPU (layout: [`super::quantize`] module doc).
+/// `mins`/`scales` hold bf16 bit patterns. Buffers of an empty tensor hold one unused
+/// element (zero-byte device allocations are invalid); use the `*_len` accessors.
+pub struct CudaQuantized {
+    pub bits: u8,
+    pub group: usize,
+    pub len: usize,
+    pub sample_len: usize,
+    pub data: CudaSlice<u8>,
+    pub mins: CudaSlice<u16>,
+    pub scales: CudaSlice<u16>,
+    device: CudaDevice,
+}
+
+impl std::fmt::Debug for CudaQuantized {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaQuantized")
+            .field("bits", &self.bits)
+            .field("group", &self.group)
+            .field("len", &self.len)
+            .field("sample_len", &self.sample_len)
+            .field("stored_bytes", &self.stored_bytes())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CudaQuantized {
+    pub fn n_samples(&self) -> usize {
+        self.len.checked_div(self.sample_len).unwrap_or(0)
+    }
+    /// Bytes of packed codes: `n_samples * ceil(sample_len * bits / 8)`.
+    pub fn data_len(&self) -> usize {
+        self.n_samples() * (self.sample_len * self.bits as usize).div_ceil(8)
+    }
+    /// Number of groups (= of mins = of scales).
+    pub fn groups_len(&self) -> usize {
+        self.n_samples() * self.sample_len.div_ceil(self.group.max(1))
+    }
+    /// Same accounting as the CPU's `QuantizedTensor::stored_bytes`.
+    pub fn stored_bytes(&self) -> usize {
+        self.data_len() + 4 * self.groups_len()
+    }
+    pub fn device(&self) -> &CudaDevice {
+        &self.device
+    }
+    /// `(data, mins, scales)`.
+    pub fn into_parts(self) -> (CudaSlice<u8>, CudaSlice<u16>, CudaSlice<u16>) {
+        (self.data, self.mins, self.scales)
+    }
+    /// Copies the codes to the host (synchronises).
+    pub fn data_to_vec(&self) -> Result<Vec<u8>> {
+        dtoh(&self.device, &self.data.slice(..self.data_len()))
+    }
+    /// Copies the group minimums to the host (synchronises).
+    pub fn mins_to_vec(&self) -> Result<Vec<bf16>> {
+        let v = dtoh(&self.device, &self.mins.slice(..self.groups_len()))?;
+        Ok(v.into_iter().map(bf16::from_bits).collect())
+    }
+    /// Copies the group scales to the host (synchronises).
+    pub fn scales_to_vec(&self) -> Result<Vec<bf16>> {
+        let v = dtoh(&self.device, &self.scales.slice(..self.groups_len()))?;
+        Ok(v.into_iter().map(bf16::from_bits).collect())
+    }
+
+    /// Uploads host-side parts (e.g. a CPU `QuantizedTensor`'s `data()`, `mins()`,
+    /// `scales()`), checking their lengths against the layout.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_host(
+        device: &CudaDevice,
+        bits: u8,
+        group: usize,
+        len: usize,
+        sample_len: usize,
+        data: &[u8],
+        mins: &[bf16],
+        scales: &[bf16],
+    ) -> Result<Self> {
+        validate(bits, group)?;
+        check_shape(len, sample_len)?;
+        let n = len / sample_len.max(1);
+        let want_data = n * (sample_len * bits as usize).div_ceil(8);
+        let want_groups = n * sample_len.div_ceil(group);
+        for (got, want) in [
+            (data.len(), want_data),
+            (mins.len(), want_groups),
+            (scales.len(), want_groups),
+        ] {
+            if got != want {
+                return Err(QuantError::LenMismatch {
+                    expected: want,
+                    got,
+                }
+                .into());
+            }
+        }
+        let bits16 = |v: &[bf16]| -> Vec<u16> {
+            let mut b: Vec<u16> = v.iter().map(|x| x.to_bits()).collect();
+            if b.is_empty() {
+                b.push(0);
+            }
+            b
+        };
+        let mut d = data.to_vec();
+        if d.is_empty() {
+            d.push(0);
+        }
+        let stream = device.cuda_stream();
+        Ok(Self {
+            bits,
+            group,
+            len,
+            sample_len,
+            data: stream.clone_htod(&d).w()?,
+            mins: stream.clone_htod(&bits16(mins)).w()?,
+            scales: stream.clone_htod(&bits16(scales)).w()?,
+            device: device.clone(),
+        })
+    }
+}
+
+/// A 1-bit-per-element mask on the GPU ([`super::BitMask`] layout: element `i` is bit
+/// `i % 64` of `words[i / 64]`).
+pub struct CudaBitMask {
+    pub len: usize,
+    /// `ceil(len / 64)` words (one unused word when `len == 0`).
+    pub words: CudaSlice<u64>,
+    device: CudaDevice,
+}
+
+impl CudaBitMask {
+    pub fn words_len(&self) -> usize {
+        self.len.div_ceil(64)
+    }
+    pub fn stored_bytes(&self) -> usize {
+        8 * self.words_len()
+    }
+    pub fn words_to_vec(&self) -> Result<Vec<u64>> {
+        dtoh(&self.device, &self.words.slice(..self.words_len()))
+    }
+}
+
+/// Small unsigned integers densely packed on the GPU ([`super::PackedUints`] layout).
+pub struct CudaPackedUints {
+    pub bits: u8,
+    pub len: usize,
+    /// `ceil(len * bits / 8)` bytes (one unused byte when empty).
+    pub data: CudaSlice<u8>,
+    device: CudaDevice,
+}
+
+impl CudaPackedUints {
+    pub fn data_len(&self) -> usize {
+        (self.len * self.bits as usize).div_ceil(8)
+    }
+    pub fn stored_bytes(&self) -> usize {
+        self.data_len()
+    }
+    pub fn data_to_vec(&self) -> Result<Vec<u8>> {
+        dtoh(&self.device, &self.data.slice(..self.data_len()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantizer
+
+/// Quantizes `t` (f32 on a CUDA device, `elem_count = n_samples * sample_len`, flattened in
+/// row-major order) exactly as [`super::quantize`] does on the CPU. Synchronises once to read
+/// the error flag.
+pub fn quantize_cuda(t: &Tensor, sample_len: usize, p: &QuantParams) -> Result<CudaQuantized> {
+    validate(p.bits, p.group)?;
+    let len = t.elem_count();
+    check_shape(len, sample_len)?;
+    check_dtype(t, DType::F32, "quantize_cuda")?;
+    let n = len / sample_len;
+    let groups = n * sample_len.div_ceil(p.group);
+    let data_len = n * (sample_len * p.bits as usize).div_ceil(8);
+    with_view::<f32, _>(t, |dev, x| {
+        let stream = dev.cuda_stream();
+        // SAFETY: every byte / group of a non-failing run is written by the kernel; on error
+        // the buffers are dropped unread.
+        let mut data = unsafe { dev.alloc::<u8>(data_len.max(1))? };
+        let mut mins = unsafe { dev.alloc::<u16>(groups.max(1))? };
+        let mut scales = unsafe { dev.alloc::<u16>(groups.max(1))? };
+        if len > 0 {
+            let mut err = stream.clone_htod(&[NO_ERROR]).w()?;
+            let func = dev.get_or_load_custom_func("quantize", MODULE, PTX)?;
+            let (n64, sl, g, bits) = (n as u64, sample_len as u64, p.group as u64, p.bits as u32);
+            let cfg = LaunchConfig {
+                grid_dim: ((groups as u64).min(MAX_GROUP_BLOCKS) as u32, 1, 1),
+                block_dim: (QBLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = func.builder();
+            b.arg(&x);
+            b.arg(&n64);
+            b.arg(&sl);
+            b.arg(&g);
+            b.arg(&bits);
+            b.arg(&p.seed);
+            b.arg(&p.stream);
+            b.arg(&mut data);
+            b.arg(&mut mins);
+            b.arg(&mut scales);
+            b.arg(&mut err);
+            // SAFETY: argument list matches `quantize` in kernels/quantize.cu; buffer sizes
+            // match the layout computed above; the kernel indexes only inside them.
+            unsafe { b.launch(cfg) }.w()?;
+            let code = dtoh(dev, &err)?[0];
+            if code != NO_ERROR {
+                let index = (code >> 1) as usize;
+                return Err(if code & 1 == 0 {
+                    let value = dtoh(dev, &x.slice(index..index + 1))?[0];
+                    QuantError::NonFinite { index, value }
+                } else {
+                    QuantError::RangeOverflow { index }
+                }
+                .into());
+            }
+        }
+        Ok(CudaQuantized {
+            bits: p.bits,
+            group: p.group,
+            len,
+            sample_len,
+            data,
+            mins,
+            scales,
+            device: dev.clone(),
+        })
+    })
+}
+
+/// Dequantizes all of `q` into a new f32 tensor of `shape` (`shape.elem_count() == q.len`) on
+/// `q`'s device; bit-identical to [`super::dequantize`].
+pub fn dequantize_cuda<S: Into<Shape>>(q: &CudaQuantized, shape: S) -> Result<Tensor> {
+    dequantize_samples_cuda(q, 0, q.n_samples(), shape)
+}
+
+/// Dequantizes samples `first..first + count` only (like `quantize::dequantize_samples`), into
+/// a tensor of `shape` (`count * sample_len` elements).
+pub fn dequantize_samples_cuda<S: Into<Shape>>(
+    q: &CudaQuantized,
+    first: usize,
+    count: usize,
+    shape: S,
+) -> Result<Tensor> {
+    let shape = shape.into();
+    if first + count > q.n_samples() {
+        return Err(QuantError::BadShape {
+            len: (first + count) * q.sample_len,
+            sample_len: q.sample_len,
+        }
+        .into());
+    }
+    let len = count * q.sample_len;
+    if shape.elem_count() != len {
+        return Err(QuantError::LenMismatch {
+            expected: len,
+            got: shape.elem_count(),
+        }
+        .into());
+    }
+    let dev = &q.device;
+    // SAFETY: every element is written by the kernel before the tensor is handed out.
+    let mut out = unsafe { dev.alloc::<f32>(len.max(1))? };
+    if len > 0 {
+        let sb = (q.sample_len * q.bits as usize).div_ceil(8);
+        let gps = q.sample_len.div_ceil(q.group);
+        let data = q.data.slice(first * sb..(first + count) * sb);
+        let mins = q.mins.slice(first * gps..(first + count) * gps);
+        let scales = q.scales.slice(first * gps..(first + count) * gps);
+        let func = dev.get_or_load_custom_func("dequantize", MODULE, PTX)?;
+        let (n64, sl, g, bits) = (
+            count as u64,
+            q.sample_len as u64,
+            q.group as u64,
+            q.bits as u32,
+        );
+        let mut b = func.builder();
+        b.arg(&data);
+        b.arg(&mins);
+        b.arg(&scales);
+        b.arg(&n64);
+        b.arg(&sl);
+        b.arg(&g);
+        b.arg(&bits);
+        b.arg(&mut out);
+        // SAFETY: matches `dequantize` in kernels/quantize.cu; sizes from the layout.
+        unsafe { b.launch(elem_cfg(len)) }.w()?;
+    }
+    Ok(wrap_tensor(out, dev, shape))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Masks and packed uints
+
+/// [`super::BitMask::positive`] on the GPU: bit set where `x > 0` (NaN gives 0).
+pub fn mask_pack_cuda(t: &Tensor) -> Result<CudaBitMask> {
+    check_dtype(t, DType::F32, "mask_pack_cuda")?;
+    let len = t.elem_count();
+    let nw = len.div_ceil(64);
+    with_view::<f32, _>(t, |dev, x| {
+        // SAFETY: every word is written by the kernel.
+        let mut words = unsafe { dev.alloc::<u64>(nw.max(1))? };
+        if len > 0 {
+            let func = dev.get_or_load_custom_func("mask_pack", MODULE, PTX)?;
+            let len64 = len as u64;
+            let mut b = func.builder();
+            b.arg(&x);
+            b.arg(&len64);
+            b.arg(&mut words);
+            // One warp per word.
+            let warps_per_block = (EBLOCK / 32) as u64;
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    (nw as u64).div_ceil(warps_per_block).min(MAX_ELEM_BLOCKS) as u32,
+                    1,
+                    1,
+                ),
+                block_dim: (EBLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches `mask_pack` in kernels/quantize.cu; blockDim is a multiple of 32.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(CudaBitMask {
+            len,
+            words,
+            device: dev.clone(),
+        })
+    })
+}
+
+/// [`super::BitMask::select_into`] on the GPU: `if_set` where the bit is set, else `if_clear`,
+/// as an f32 tensor of `shape`.
+pub fn mask_unpack_cuda<S: Into<Shape>>(
+    m: &CudaBitMask,
+    if_set: f32,
+    if_clear: f32,
+    shape: S,
+) -> Result<Tensor> {
+    let shape = shape.into();
+    if shape.elem_count() != m.len {
+        return Err(QuantError::LenMismatch {
+            expected: m.len,
+            got: shape.elem_count(),
+        }
+        .into());
+    }
+    let dev = &m.device;
+    // SAFETY: every element is written by the kernel.
+    let mut out = unsafe { dev.alloc::<f32>(m.len.max(1))? };
+    if m.len > 0 {
+        let func = dev.get_or_load_custom_func("mask_unpack", MODULE, PTX)?;
+        let len64 = m.len as u64;
+        let mut b = func.builder();
+        b.arg(&m.words);
+        b.arg(&len64);
+        b.arg(&if_set);
+        b.arg(&if_clear);
+        b.arg(&mut out);
+        // SAFETY: matches `mask_unpack` in kernels/quantize.cu.
+        unsafe { b.launch(elem_cfg(m.len)) }.w()?;
+    }
+    Ok(wrap_tensor(out, dev, shape))
+}
+
+/// [`super::PackedUints::pack`] on the GPU: `values` is a u8 tensor, every value `< 2^bits`
+/// (`bits` in 1..=8); the first offending index is reported like on the CPU. Synchronises
+/// once to read the error flag.
+pub fn uints_pack_cuda(values: &Tensor, bits: u8) -> Result<CudaPackedUints> {
+    if !(1..=8).contains(&bits) {
+        return Err(QuantError::BadBits(bits).into());
+    }
+    check_dtype(values, DType::U8, "uints_pack_cuda")?;
+    let len = values.elem_count();
+    let nbytes = (len * bits as usize).div_ceil(8);
+    with_view::<u8, _>(values, |dev, v| {
+        // SAFETY: every byte is written by the kernel.
+        let mut data = unsafe { dev.alloc::<u8>(nbytes.max(1))? };
+        if len > 0 {
+            let stream = dev.cuda_stream();
+            let mut err = stream.clone_htod(&[NO_ERROR]).w()?;
+            let func = dev.get_or_load_custom_func("uints_pack", MODULE, PTX)?;
+            let (len64, bits32) = (len as u64, bits as u32);
+            let mut b = func.builder();
+            b.arg(&v);
+            b.arg(&len64);
+            b.arg(&bits32);
+            b.arg(&mut data);
+            b.arg(&mut err);
+            // SAFETY: matches `uints_pack` in kernels/quantize.cu.
+            unsafe { b.launch(elem_cfg(nbytes)) }.w()?;
+            let index = dtoh(dev, &err)?[0];
+            if index != NO_ERROR {
+                let index = index as usize;
+                let value = dtoh(dev, &v.slice(index..index + 1))?[0];
+                return Err(QuantError::ValueTooLarge { index, value, bits }.into());
+            }
+        }
+        Ok(CudaPackedUints {
+            bits,
+            len,
+            data,
+            device: dev.clone(),
+        })
+    })
+}
+
+/// [`super::PackedUints::unpack`] on the GPU, into a u8 tensor of `shape`.
+pub fn uints_unpack_cuda<S: Into<Shape>>(p: &CudaPackedUints, shape: S) -> Result<Tensor> {
+    let shape = shape.into();
+    if shape.elem_count() != p.len {
+        return Err(QuantError::LenMismatch {
+            expected: p.len,
+            got: shape.elem_count(),
+        }
+        .into());
+    }
+    let dev = &p.device;
+    // SAFETY: every element is written by the kernel.
+    let mut out = unsafe { dev.alloc::<u8>(p.len.max(1))? };
+    if p.len > 0 {
+        let func = dev.get_or_load_custom_func("uints_unpack", MODULE, PTX)?;
+        let (len64, bits32) = (p.len as u64, p.bits as u32);
+        let mut b = func.builder();
+        b.arg(&p.data);
+        b.arg(&len64);
+        b.arg(&bits32);
+        b.arg(&mut out);
+        // SAFETY: matches `uints_unpack` in kernels/quantize.cu.
+        unsafe { b.launch(elem_cfg(p.len)) }.w()?;
+    }
+    Ok(wrap_tensor(out, dev, shape))
+}
+
+/// `out[j] = rng::uniform(seed, stream, start + j)` computed on the GPU (parity checks).
+pub fn fill_uniform_cuda(
+    device: &CudaDevice,
+    seed: u64,
+    stream: u64,
+    start: u64,
+    len: usize,
+) -> Result<Vec<f32>> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    // SAFETY: every element is written by the kernel.
+    let mut out = unsafe { device.alloc::<f32>(len)? };
+    let func = device.get_or_load_custom_func("rng_uniform", MODULE, PTX)?;
+    let len64 = len as u64;
+    let mut b = func.builder();
+    b.arg(&seed);
+    b.arg(&stream);
+    b.arg(&start);
+    b.arg(&len64);
+    b.arg(&mut out);
+    // SAFETY: matches `rng_uniform` in kernels/quantize.cu.
+    unsafe { b.launch(elem_cfg(len)) }.w()?;
+    dtoh(device, &out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// The same checks as `QuantParams::validate` on the CPU.
+fn validate(bits: u8, group: usize) -> Result<()> {
+    if !matches!(bits, 1 | 2 | 4 | 8) {
+        return Err(QuantError::BadBits(bits).into());
+    }
+    if group == 0 || !group.is_multiple_of(8) || group > MAX_GROUP {
+        return Err(QuantError::BadGroup(group).into());
+    }
+    Ok(())
+}
+
+fn check_shape(len: usize, sample_len: usize) -> Result<()> {
+    if sample_len == 0 || !len.is_multiple_of(sample_len) {
+        return Err(QuantError::BadShape { len, sample_len }.into());
+    }
+    Ok(())
+}
+
+fn check_dtype(t: &Tensor, want: DType, op: &str) -> Result<()> {
+    if t.dtype() != want {
+        return Err(msg(format!(
+            "{op}: expected a {want:?} tensor, got {:?}",
+            t.dtype()
+        )));
+    }
+    Ok(())
+}
+
+/// Runs `f` on the contiguous device view of `t`'s elements (holding the storage lock).
+fn with_view<T, R>(
+    t: &Tensor,
+    f: impl FnOnce(&CudaDevice, CudaView<'_, T>) -> Result<R>,
+) -> Result<R>
+where
+    T: CudaDType + DeviceRepr,
+{
+    if !matches!(t.device(), Device::Cuda(_)) {
+        return Err(msg(format!(
+            "expected a tensor on a CUDA device, got {:?}",
+            t.device().location()
+        )));
+    }
+    let t = if t.is_contiguous() {
+        t.clone()
+    } else {
+        t.contiguous()?
+    };
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return Err(msg("expected CUDA storage".to_string()));
+    };
+    let (o1, o2) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| msg("tensor is not contiguous".to_string()))?;
+    let slice = cs.as_cuda_slice::<T>()?;
+    f(cs.device(), slice.slice(o1..o2))
+}
+
+/// Copies a device buffer to the host (synchronises the stream; no copy when empty).
+fn dtoh<T: DeviceRepr, S: DevicePtr<T>>(dev: &CudaDevice, src: &S) -> Result<Vec<T>> {
+    if src.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(dev.cuda_stream().clone_dtoh(src).w()?)
+}
+
+/// One thread per element, grid-stride beyond `MAX_ELEM_BLOCKS` blocks.
+fn elem_cfg(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            (n as u64).div_ceil(EBLOCK as u64).clamp(1, MAX_ELEM_BLOCKS) as u32,
+            1,
+            1,
+        ),
+        block_dim: (EBLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Wraps a freshly written buffer as a tensor of `shape`. An empty result keeps its 1-element
+/// placeholder buffer: candle allows storage larger than the layout needs.
+fn wrap_tensor<T: CudaDType + DeviceRepr>(
+    out: CudaSlice<T>,
+    dev: &CudaDevice,
+    shape: Shape,
+) -> Tensor {
+    let storage = CudaStorage::wrap_cuda_slice(out, dev.clone());
+    Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)
+}

@@ -1,0 +1,482 @@
+//! CPU-vs-GPU bit identity of the compression kernels (`kernels/quantize.cu`).
+//!
+//! Needs a GPU: build here with `scripts/build-cuda.sh --tests`, run on the GPU machine with
+//! `scripts/gpu-check.sh` (or `cargo test --release --features cuda --test cuda` where a GPU
+//! and the toolkit both exist). The `#[ignore]`d `bench_*` tests print `BENCH` lines that
+//! gpu-check.sh gathers into its table.
+#![cfg(feature = "cuda")]
+
+use actrain::compress::cuda::{
+    dequantize_cuda, dequantize_samples_cuda, fill_uniform_cuda, mask_pack_cuda, mask_unpack_cuda,
+    quantize_cuda, uints_pack_cuda, uints_unpack_cuda, CudaCompressError, CudaQuantized,
+};
+use actrain::compress::{
+    self, dequantize_to_vec, uniform, BitMask, PackedUints, QuantError, QuantParams,
+};
+use candle_core::{CudaDevice, DType, Device, Tensor};
+use half::bf16;
+use std::time::Instant;
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("CUDA device 0 (these tests need a GPU)")
+}
+
+fn cuda(d: &Device) -> &CudaDevice {
+    d.as_cuda_device().expect("cuda device")
+}
+
+/// Deterministic test data mixing the cases the quantizer treats differently: ordinary
+/// ranges, offsets far larger than the spread, constant runs, subnormals, huge magnitudes,
+/// ReLU-like zeros and small integers. Regions of 97 elements straddle group borders.
+fn data(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|i| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let u = (s >> 40) as f32 / 16_777_216.0;
+            match (i / 97 + seed as usize) % 8 {
+                0 => u * 2.0 - 1.0,
+                1 => 100.0 + u * 0.01,
+                2 => 3.25,
+                3 => (u - 0.5) * 1e-39,
+                4 => (u - 0.3) * 1e30,
+                5 => {
+                    if s & 1 == 0 {
+                        0.0
+                    } else {
+                        u
+                    }
+                }
+                6 => ((s >> 8) % 17) as f32 - 8.0,
+                _ => -7.5 + u * 1e-3,
+            }
+        })
+        .collect()
+}
+
+/// bf16 equality up to the sign of zero: the CPU's own SIMD variants may store a group
+/// minimum of +0 or -0 when a group holds both; both dequantize identically.
+fn same_bf16(a: bf16, b: bf16) -> bool {
+    a.to_bits() == b.to_bits() || (a.to_f32() == 0.0 && b.to_f32() == 0.0)
+}
+
+fn assert_bits_eq(gpu: &[f32], cpu: &[f32], what: &str) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: length");
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        assert_eq!(
+            g.to_bits(),
+            c.to_bits(),
+            "{what}: element {i}: gpu {g:e} cpu {c:e}"
+        );
+    }
+}
+
+fn assert_same_quant(q: &CudaQuantized, c: &compress::QuantizedTensor, what: &str) {
+    assert_eq!(q.len, c.len(), "{what}: len");
+    assert_eq!(q.stored_bytes(), c.stored_bytes(), "{what}: stored_bytes");
+    let scales = q.scales_to_vec().unwrap();
+    assert_eq!(scales.len(), c.scales().len(), "{what}: scales len");
+    for (k, (g, h)) in scales.iter().zip(c.scales()).enumerate() {
+        assert_eq!(g.to_bits(), h.to_bits(), "{what}: scale of group {k}");
+    }
+    let mins = q.mins_to_vec().unwrap();
+    for (k, (g, h)) in mins.iter().zip(c.mins()).enumerate() {
+        assert!(
+            same_bf16(*g, *h),
+            "{what}: min of group {k}: gpu {g} cpu {h}"
+        );
+    }
+    let data = q.data_to_vec().unwrap();
+    assert_eq!(data.len(), c.data().len(), "{what}: data len");
+    if let Some(i) = data.iter().zip(c.data()).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: code byte {i}: gpu {:#04x} cpu {:#04x}",
+            data[i],
+            c.data()[i]
+        );
+    }
+}
+
+fn quant_case(dev: &Device, n: usize, sl: usize, group: usize, bits: u8, seed: u64) {
+    let x = data(n * sl, seed);
+    let p = QuantParams {
+        bits,
+        group,
+        seed: seed ^ 0xABCD,
+        stream: seed.wrapping_mul(31) + 7,
+    };
+    let what = format!("n {n} sample_len {sl} group {group} bits {bits}");
+    let cpu = compress::quantize(&x, sl, &p).unwrap();
+    let t = Tensor::from_slice(&x, (n, sl), dev).unwrap();
+    let q = quantize_cuda(&t, sl, &p).unwrap();
+    assert_same_quant(&q, &cpu, &what);
+    // Dequantize the GPU codes on the GPU, and the CPU codes on the GPU: both equal the CPU's.
+    let want = dequantize_to_vec(&cpu);
+    let got = dequantize_cuda(&q, (n, sl)).unwrap();
+    assert_eq!(got.dims(), &[n, sl]);
+    let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_bits_eq(&got, &want, &format!("{what}: dequantize"));
+    let up = CudaQuantized::from_host(
+        cuda(dev),
+        bits,
+        group,
+        n * sl,
+        sl,
+        cpu.data(),
+        cpu.mins(),
+        cpu.scales(),
+    )
+    .unwrap();
+    let got = dequantize_cuda(&up, n * sl)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_bits_eq(&got, &want, &format!("{what}: dequantize of CPU codes"));
+}
+
+#[test]
+fn rng_matches_cpu() {
+    let dev = gpu();
+    for &(seed, stream, start) in &[
+        (0u64, 0u64, 0u64),
+        (1, 2, 3),
+        (42, 7, 1_000_001),
+        (u64::MAX, 5, u64::MAX - 700),
+    ] {
+        let got = fill_uniform_cuda(cuda(&dev), seed, stream, start, 1001).unwrap();
+        for (j, g) in got.iter().enumerate() {
+            let want = uniform(seed, stream, start.wrapping_add(j as u64));
+            assert_eq!(
+                g.to_bits(),
+                want.to_bits(),
+                "seed {seed} stream {stream} i {j}"
+            );
+        }
+    }
+    // The pinned values of src/compress/rng.rs.
+    let got = fill_uniform_cuda(cuda(&dev), 0, 0, 0, 3).unwrap();
+    let two24 = 16_777_216.0f32;
+    assert_eq!(
+        got,
+        vec![2_474_990.0 / two24, 728_592.0 / two24, 6_663_816.0 / two24]
+    );
+}
+
+#[test]
+fn quantize_matches_cpu_every_width_and_odd_sizes() {
+    let dev = gpu();
+    let shapes: &[(usize, usize, usize)] = &[
+        (1, 1, 256),
+        (1, 7, 8),
+        (3, 7, 8),
+        (2, 9, 8),
+        (2, 1001, 256),
+        (5, 256, 256),
+        (4, 257, 64),
+        (3, 4099, 1024),
+        (2, 96, 8),
+        (1, 70_001, 256),
+        (7, 3, 16),
+        (2, 513, 520),
+    ];
+    for bits in [1u8, 2, 4, 8] {
+        for (k, &(n, sl, g)) in shapes.iter().enumerate() {
+            quant_case(&dev, n, sl, g, bits, k as u64 + 10 * bits as u64);
+        }
+    }
+}
+
+/// Above 64K elements the CPU splits the work across threads (and inside long samples):
+/// the result must not change, and neither may the GPU's.
+#[test]
+fn quantize_matches_cpu_large() {
+    let dev = gpu();
+    for bits in [1u8, 2, 4, 8] {
+        quant_case(&dev, 16, 1 << 19, 256, bits, 3);
+        quant_case(&dev, 3, 1_000_003, 4096, bits, 4);
+        quant_case(&dev, 1000, 3_001, 256, bits, 5);
+    }
+}
+
+#[test]
+fn quantize_non_contiguous_and_offset_inputs() {
+    let dev = gpu();
+    let (n, sl) = (6, 515);
+    let x = data(n * sl, 77);
+    let p = QuantParams::new(2, 9, 11);
+    // A transposed view: quantize_cuda must read it in row-major order.
+    let t = Tensor::from_slice(&x, (sl, n), &dev).unwrap().t().unwrap();
+    let xt = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let q = quantize_cuda(&t, sl, &p).unwrap();
+    assert_same_quant(&q, &compress::quantize(&xt, sl, &p).unwrap(), "transposed");
+    // A narrowed view with a non-zero start offset.
+    let big = Tensor::from_slice(&x, (n, sl), &dev).unwrap();
+    let part = big.narrow(0, 2, 3).unwrap();
+    let xp = &x[2 * sl..5 * sl];
+    let q = quantize_cuda(&part, sl, &p).unwrap();
+    assert_same_quant(&q, &compress::quantize(xp, sl, &p).unwrap(), "narrowed");
+}
+
+#[test]
+fn dequantize_samples_matches_cpu() {
+    let dev = gpu();
+    let (n, sl) = (9, 333);
+    let x = data(n * sl, 5);
+    let p = QuantParams::new(4, 1, 2);
+    let cpu = compress::quantize(&x, sl, &p).unwrap();
+    let q = quantize_cuda(&Tensor::from_slice(&x, (n, sl), &dev).unwrap(), sl, &p).unwrap();
+    let all = dequantize_to_vec(&cpu);
+    let none = dequantize_samples_cuda(&q, 4, 0, (0, sl)).unwrap();
+    assert_eq!(none.dims(), &[0, sl]);
+    for (first, count) in [(0, 1), (2, 3), (8, 1), (0, 9)] {
+        let got = dequantize_samples_cuda(&q, first, count, (count, sl)).unwrap();
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_bits_eq(
+            &got,
+            &all[first * sl..(first + count) * sl],
+            &format!("samples {first}+{count}"),
+        );
+    }
+    assert!(dequantize_samples_cuda(&q, 8, 2, (2, sl)).is_err());
+}
+
+#[test]
+fn empty_tensor() {
+    let dev = gpu();
+    // A zero-element view of real storage (zero-byte device allocations are invalid).
+    let t = Tensor::zeros((2, 5), DType::F32, &dev)
+        .unwrap()
+        .narrow(0, 0, 0)
+        .unwrap();
+    let q = quantize_cuda(&t, 5, &QuantParams::default()).unwrap();
+    assert_eq!(q.stored_bytes(), 0);
+    assert_eq!(q.data_to_vec().unwrap(), Vec::<u8>::new());
+    assert_eq!(q.mins_to_vec().unwrap(), Vec::<bf16>::new());
+    let d = dequantize_cuda(&q, (0, 5)).unwrap();
+    assert_eq!(d.dims(), &[0, 5]);
+    let m = mask_pack_cuda(&t).unwrap();
+    assert_eq!((m.len, m.stored_bytes()), (0, 0));
+    assert_eq!(
+        mask_unpack_cuda(&m, 1.0, 0.0, (0, 5)).unwrap().dims(),
+        &[0, 5]
+    );
+}
+
+fn quant_err(r: Result<CudaQuantized, CudaCompressError>) -> QuantError {
+    match r {
+        Err(CudaCompressError::Quant(e)) => e,
+        Err(e) => panic!("expected a QuantError, got {e}"),
+        Ok(_) => panic!("expected an error"),
+    }
+}
+
+#[test]
+fn errors_match_cpu() {
+    let dev = gpu();
+    let sl = 1000;
+    let p = QuantParams::new(2, 0, 0);
+    let cases: Vec<(Vec<(usize, f32)>, &str)> = vec![
+        (vec![(777, f32::NAN)], "nan"),
+        (
+            vec![(1500, f32::INFINITY), (1800, f32::NAN)],
+            "inf before nan",
+        ),
+        (
+            vec![(1800, f32::NAN), (1500, f32::NEG_INFINITY)],
+            "-inf before nan",
+        ),
+        (vec![(512, -f32::MAX), (513, f32::MAX)], "range overflow"),
+        (
+            vec![(300, -f32::MAX), (301, f32::MAX), (1900, f32::NAN)],
+            "overflow before nan",
+        ),
+        (
+            vec![
+                (300, f32::NAN),
+                (2000 + 256, -f32::MAX),
+                (2000 + 257, f32::MAX),
+            ],
+            "nan before overflow",
+        ),
+    ];
+    for (pokes, what) in cases {
+        let mut x = data(3 * sl, 1);
+        for &(i, v) in &pokes {
+            x[i] = v;
+        }
+        let want = compress::quantize(&x, sl, &p).unwrap_err();
+        let t = Tensor::from_slice(&x, (3, sl), &dev).unwrap();
+        let got = quant_err(quantize_cuda(&t, sl, &p));
+        match (got, want) {
+            (
+                QuantError::NonFinite {
+                    index: a,
+                    value: va,
+                },
+                QuantError::NonFinite {
+                    index: b,
+                    value: vb,
+                },
+            ) => {
+                assert_eq!(a, b, "{what}");
+                assert_eq!(va.to_bits(), vb.to_bits(), "{what}");
+            }
+            (g, w) => assert_eq!(g, w, "{what}"),
+        }
+    }
+    let t = Tensor::zeros(12, DType::F32, &dev).unwrap();
+    for (p, sl) in [
+        (
+            QuantParams {
+                bits: 3,
+                ..QuantParams::default()
+            },
+            12,
+        ),
+        (
+            QuantParams {
+                group: 12,
+                ..QuantParams::default()
+            },
+            12,
+        ),
+        (QuantParams::default(), 5),
+        (QuantParams::default(), 0),
+    ] {
+        let want = compress::quantize(&[0.0; 12], sl, &p).unwrap_err();
+        assert_eq!(quant_err(quantize_cuda(&t, sl, &p)), want);
+    }
+}
+
+#[test]
+fn mask_matches_cpu() {
+    let dev = gpu();
+    for len in [1usize, 31, 63, 64, 65, 131, 4096, 100_003, (1 << 20) + 5] {
+        let mut x = data(len, len as u64);
+        for (i, v) in x.iter_mut().enumerate() {
+            match i % 11 {
+                0 => *v = f32::NAN,
+                1 => *v = -0.0,
+                2 => *v = 0.0,
+                3 => *v = -*v,
+                _ => {}
+            }
+        }
+        let cpu = BitMask::positive(&x);
+        let m = mask_pack_cuda(&Tensor::from_slice(&x, len, &dev).unwrap()).unwrap();
+        assert_eq!(m.stored_bytes(), cpu.stored_bytes());
+        assert_eq!(m.words_to_vec().unwrap(), cpu.words(), "len {len}");
+        let mut want = vec![0.0f32; len];
+        cpu.select_into(&mut want, 1.0, 0.01).unwrap();
+        let got = mask_unpack_cuda(&m, 1.0, 0.01, len).unwrap();
+        assert_bits_eq(
+            &got.to_vec1::<f32>().unwrap(),
+            &want,
+            &format!("mask len {len}"),
+        );
+    }
+}
+
+#[test]
+fn uints_match_cpu() {
+    let dev = gpu();
+    for bits in 1..=8u8 {
+        for len in [1usize, 7, 8, 9, 77, 4099, 100_001] {
+            let v: Vec<u8> = (0..len as u64)
+                .map(|i| ((i * 2_654_435_761 + 12345) >> 7) as u8 & ((1u16 << bits) - 1) as u8)
+                .collect();
+            let cpu = PackedUints::pack(&v, bits).unwrap();
+            let t = Tensor::from_slice(&v, len, &dev).unwrap();
+            let p = uints_pack_cuda(&t, bits).unwrap();
+            assert_eq!(p.stored_bytes(), cpu.stored_bytes());
+            assert_eq!(
+                p.data_to_vec().unwrap(),
+                cpu.data(),
+                "bits {bits} len {len}"
+            );
+            let back = uints_unpack_cuda(&p, len).unwrap().to_vec1::<u8>().unwrap();
+            assert_eq!(back, v, "bits {bits} len {len}");
+        }
+        if bits < 8 {
+            let mut v = vec![0u8; 5000];
+            v[4000] = 1 << bits;
+            v[1234] = 255;
+            let want = PackedUints::pack(&v, bits).unwrap_err();
+            let got = uints_pack_cuda(&Tensor::from_slice(&v, 5000, &dev).unwrap(), bits);
+            match got {
+                Err(CudaCompressError::Quant(e)) => assert_eq!(e, want),
+                _ => panic!("bits {bits}: expected ValueTooLarge"),
+            }
+        }
+    }
+}
+
+fn time_ms<F: FnMut()>(dev: &Device, reps: usize, mut f: F) -> f64 {
+    f(); // warm-up (module load, allocator pool)
+    dev.synchronize().unwrap();
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    dev.synchronize().unwrap();
+    t0.elapsed().as_secs_f64() * 1e3 / reps as f64
+}
+
+/// Throughput of quantize / dequantize on the GPU and on the host CPU (same data).
+/// `cargo test --release --features cuda --test cuda -- --ignored --nocapture bench_`
+#[test]
+#[ignore]
+fn bench_quantize() {
+    let dev = gpu();
+    let (n, sl) = (64usize, 1usize << 20); // 64M elements = 256 MiB of f32
+    let x = data(n * sl, 9);
+    let t = Tensor::from_slice(&x, (n, sl), &dev).unwrap();
+    for bits in [1u8, 2, 4, 8] {
+        let p = QuantParams::new(bits, 1, 2);
+        let gq = time_ms(&dev, 10, || {
+            quantize_cuda(&t, sl, &p).unwrap();
+        });
+        let q = quantize_cuda(&t, sl, &p).unwrap();
+        let gd = time_ms(&dev, 10, || {
+            dequantize_cuda(&q, (n, sl)).unwrap();
+        });
+        let t0 = Instant::now();
+        let c = compress::quantize(&x, sl, &p).unwrap();
+        let cq = t0.elapsed().as_secs_f64() * 1e3;
+        let t0 = Instant::now();
+        let _ = dequantize_to_vec(&c);
+        let cd = t0.elapsed().as_secs_f64() * 1e3;
+        let gb = (n * sl * 4) as f64 / 1e9;
+        println!(
+            "BENCH quantize bits={bits} elems={} gpu_ms={gq:.3} gpu_GBps={:.1} cpu_ms={cq:.1} \
+             | dequantize gpu_ms={gd:.3} gpu_GBps={:.1} cpu_ms={cd:.1}",
+            n * sl,
+            gb / (gq / 1e3),
+            gb / (gd / 1e3),
+        );
+    }
+}
+
+#[test]
+#[ignore]
+fn bench_masks() {
+    let dev = gpu();
+    let len = 1usize << 26;
+    let x = data(len, 3);
+    let t = Tensor::from_slice(&x, len, &dev).unwrap();
+    let gp = time_ms(&dev, 10, || {
+        mask_pack_cuda(&t).unwrap();
+    });
+    let m = mask_pack_cuda(&t).unwrap();
+    let gu = time_ms(&dev, 10, || {
+        mask_unpack_cuda(&m, 1.0, 0.0, len).unwrap();
+    });
+    let gb = (len * 4) as f64 / 1e9;
+    println!(
+        "BENCH mask elems={len} pack_gpu_ms={gp:.3} pack_GBps={:.1} unpack_gpu_ms={gu:.3} unpack_GBps={:.1}",
+        gb / (gp / 1e3),
+        gb / (gu / 1e3)
+    );
+}
