@@ -4,8 +4,8 @@
 
 use actrain::allocate::solver::{average_bits, objective};
 use actrain::allocate::{
-    allocate, allocate_greedy, estimate_per_slot, estimate_randomized, flat_grad, solve,
-    variance_factor, Estimator, NumericalConfig, TensorCost, VariancePlan,
+    allocate, allocate_greedy, estimate_per_slot, estimate_randomized, estimate_slots, flat_grad,
+    solve, variance_factor, Estimator, NumericalConfig, SlotProbe, TensorCost, VariancePlan,
 };
 use actrain::compress::policy::{CompressConfig, CompressPolicy, Level, LADDER};
 use actrain::model::{load_def, InputSpec, Model};
@@ -315,6 +315,15 @@ fn estimators_rank_the_amplified_tensor_first() {
         );
     }
     assert_eq!(fast.passes, 1 + cfg.sign_passes);
+    // One target at an operating point (x1 kept exact): 2 passes, the same c(x2) up to the
+    // noise of a single reseed.
+    let mut probe = SlotProbe::new(2, 256, 5);
+    probe.targets = Some(vec![1]);
+    probe.operating_point = [(0usize, 32u8)].into_iter().collect();
+    let one = estimate_slots(&probe, &mut grad).unwrap();
+    assert_eq!((one.passes, one.slots.len()), (2, 1));
+    let ratio = one.slots[0].1 / c(&reference, 1);
+    assert!((0.5..2.0).contains(&ratio), "c(x2) {ratio}× the reference");
     assert_eq!(reference.passes, 1 + reference.slots.len());
     // And the allocation follows: equal sizes, 2.5 bits → (1, 4) rather than (2, 2).
     let costs = [
@@ -406,7 +415,7 @@ fn run_plan(avg: f32, estimator: Estimator) {
     }
     let slots = plan.slots();
     println!(
-        "{} at {avg} bits: {:?}",
+        "{} passes at {avg} bits: {:?}",
         plan.stats().passes_per_estimate,
         slots
             .iter()
@@ -444,11 +453,27 @@ fn variance_plan_rejects_bad_settings_and_defaults_to_uniform() {
     assert!(VariancePlan::new(0.5, 10, Estimator::numerical()).is_err());
     assert!(VariancePlan::new(f32::NAN, 10, Estimator::numerical()).is_err());
     assert!(VariancePlan::new(2.0, 0, Estimator::numerical()).is_err());
-    let bad = Estimator::Numerical(NumericalConfig {
-        sign_passes: 1,
-        ..Default::default()
-    });
-    assert!(VariancePlan::new(2.0, 10, bad).is_err());
+    for bad in [
+        NumericalConfig {
+            slots_per_round: Some(0),
+            ..Default::default()
+        },
+        NumericalConfig {
+            probe_bits: 3,
+            ..Default::default()
+        },
+        NumericalConfig {
+            sub_batch: 0,
+            ..Default::default()
+        },
+        NumericalConfig {
+            sampling: actrain::allocate::Sampling::Randomized,
+            sign_passes: 1,
+            ..Default::default()
+        },
+    ] {
+        assert!(VariancePlan::new(2.0, 10, Estimator::Numerical(bad)).is_err());
+    }
     assert!("analytic".parse::<Estimator>().is_ok());
     assert!("nope".parse::<Estimator>().is_err());
     // Analytic plans need no estimation passes.

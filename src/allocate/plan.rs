@@ -14,6 +14,10 @@
 //! }
 //! ```
 //!
+//! The default estimator is GACT's per-slot reseeding at the current plan's operating point
+//! on 8 samples, on every slot at the first estimate and on a rotating tenth-of-GACT subset
+//! (`⌊0.3·L⌋ − 1` slots, at least 1) at each later one; estimates are smoothed (weight 0.5).
+//!
 //! Slots are the positions of saves within a step (stable for a static graph). The plan
 //! learns which slots the policy quantizes and their sizes from `bits_for`; a slot without a
 //! plan (never seen, or before the first estimate) gets the uniform rung of the budget. The
