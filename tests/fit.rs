@@ -233,3 +233,16 @@ fn json_summary_on_stdout() {
     assert!(v["test_accuracy"].as_f64().unwrap() > 0.0);
     assert!(v["context_bytes"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_message() {
+    let dir = tmp("diverge");
+    let err = fit(
+        &FitConfig { lr: 1e6, clip_grad_norm: None, warmup_steps: 0, out: Some(dir.clone()), ..small(Level::L3) },
+        &mut NoProgress,
+    )
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("NaN") || msg.contains("inf") || msg.contains("became"), "{msg}");
+    assert!(msg.contains("step"), "the message says where it stopped: {msg}");
+}
