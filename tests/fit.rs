@@ -238,11 +238,23 @@ fn json_summary_on_stdout() {
 fn a_diverging_run_stops_with_a_clear_message() {
     let dir = tmp("diverge");
     let err = fit(
-        &FitConfig { lr: 1e6, clip_grad_norm: None, warmup_steps: 0, out: Some(dir.clone()), ..small(Level::L3) },
+        &FitConfig {
+            lr: 1e6,
+            clip_grad_norm: None,
+            warmup_steps: 0,
+            out: Some(dir.clone()),
+            ..small(Level::L3)
+        },
         &mut NoProgress,
     )
     .unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("NaN") || msg.contains("inf") || msg.contains("became"), "{msg}");
-    assert!(msg.contains("step"), "the message says where it stopped: {msg}");
+    assert!(
+        msg.contains("NaN") || msg.contains("inf") || msg.contains("became"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("step"),
+        "the message says where it stopped: {msg}"
+    );
 }

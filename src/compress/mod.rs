@@ -16,9 +16,9 @@
 //! the thread count or the CPU's vector width.
 
 pub mod bitpack;
+mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-mod cpu;
 pub mod error;
 pub mod policy;
 pub mod quantize;
