@@ -185,6 +185,10 @@ fn bad_inputs_are_clear_errors() {
         ),
         (vec!["--lr=-1".into()], vec!["--lr"]),
         (
+            vec!["--allocator".into(), "greedy".into()],
+            vec!["--allocator", "greedy"],
+        ),
+        (
             vec!["--resume".into(), missing.into()],
             vec!["--resume", missing],
         ),
@@ -257,4 +261,26 @@ fn a_diverging_run_stops_with_a_clear_message() {
         msg.contains("step"),
         "the message says where it stopped: {msg}"
     );
+}
+
+#[test]
+fn variance_allocator_assigns_per_tensor_bits_within_budget() {
+    let cfg = FitConfig {
+        variance_allocator: true,
+        epochs: 4,
+        limit: Some(640),
+        ..small(Level::L4)
+    };
+    let s = fit(&cfg, &mut NoProgress).unwrap();
+    let bits = s
+        .bits_per_tensor
+        .expect("the variance allocator reports its bits");
+    let used: Vec<u8> = bits.iter().copied().filter(|&b| b > 0).collect();
+    assert!(used.len() >= 3, "several quantized tensors: {bits:?}");
+    assert!(
+        used.iter().all(|b| [1, 2, 4, 8, 32].contains(b)),
+        "ladder rungs only: {bits:?}"
+    );
+    assert!(s.allocator_seconds > 0.0 && s.allocator_seconds < s.seconds);
+    assert!(s.test_accuracy > 0.5, "trains: {}", s.test_accuracy);
 }

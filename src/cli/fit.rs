@@ -82,6 +82,14 @@ pub struct FitArgs {
     /// Ops whose context is never compressed, comma separated (e.g. softmax,layer_norm).
     #[arg(long, value_delimiter = ',')]
     pub exclude_ops: Vec<String>,
+    /// Bit allocation for L3/L4/--bits: uniform (every tensor the same ladder rung, the
+    /// default) or variance (per-tensor bits minimising the gradient variance; a resumed run
+    /// re-estimates its sensitivities, so it is not a bit-exact continuation).
+    #[arg(long, default_value = "uniform")]
+    pub allocator: String,
+    /// Steps between bit re-allocations (variance allocator).
+    #[arg(long, default_value_t = 100)]
+    pub reallocate_every: u64,
     /// Directory for config.json, metrics.jsonl and checkpoints.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -133,6 +141,14 @@ impl FitArgs {
         if !(0.0..1.0).contains(&self.test_fraction) || self.test_fraction == 0.0 {
             bail!("--test-fraction {} must be in (0, 1)", self.test_fraction);
         }
+        let variance_allocator = match self.allocator.as_str() {
+            "variance" => true,
+            "uniform" => false,
+            other => bail!("--allocator `{other}`: expected variance or uniform"),
+        };
+        if self.reallocate_every == 0 {
+            bail!("--reallocate-every must be at least 1");
+        }
         let out = self.out.clone().or_else(|| self.resume.clone());
         Ok(FitConfig {
             model: self.model.clone(),
@@ -154,6 +170,8 @@ impl FitArgs {
             group_size: self.group_size,
             min_compress_elements: self.min_compress_elements,
             exclude_ops: self.exclude_ops.clone(),
+            variance_allocator,
+            reallocate_every: self.reallocate_every,
             out,
             resume: self.resume.clone(),
         })
@@ -248,6 +266,13 @@ pub fn run(args: &FitArgs) -> Result<()> {
             s.samples_per_second,
             human_bytes(s.peak_bytes)
         );
+        if let Some(bits) = &s.bits_per_tensor {
+            println!(
+                "variance allocator: bits per saved tensor {bits:?} ({:.1} s estimating, {:.1}% of the run)",
+                s.allocator_seconds,
+                100.0 * s.allocator_seconds / s.seconds.max(1e-9)
+            );
+        }
         if let Some(dir) = &cfg.out {
             println!(
                 "checkpoint, config.json and metrics.jsonl in {}",
@@ -280,6 +305,7 @@ fn check_resume_config(dir: &std::path::Path, cfg: &FitConfig) -> Result<()> {
         "lr",
         "optimizer",
         "schedule",
+        "variance_allocator",
         "warmup_steps",
         "seed",
         "limit",

@@ -5,6 +5,7 @@
 use super::checkpoint::{self, CheckpointMeta};
 use super::optim::{clip_grad_norm, grads_finite, Optimizer, OptimizerConfig};
 use super::schedule::{Schedule, ScheduleKind};
+use crate::allocate::plan::{Estimator, VariancePlan};
 use crate::compress::policy::{CompressConfig, CompressPolicy, Level};
 use crate::data::{self, Batcher, Dataset, LoadOptions, Task};
 use crate::memory;
@@ -43,6 +44,11 @@ pub struct FitConfig {
     pub group_size: usize,
     pub min_compress_elements: usize,
     pub exclude_ops: Vec<String>,
+    /// Bits per saved tensor from the gradient-variance allocator (else every tensor gets the
+    /// same ladder rung).
+    pub variance_allocator: bool,
+    /// Steps between re-allocations.
+    pub reallocate_every: u64,
     pub out: Option<PathBuf>,
     pub resume: Option<PathBuf>,
 }
@@ -77,6 +83,8 @@ impl Default for FitConfig {
             group_size: crate::compress::DEFAULT_GROUP,
             min_compress_elements: 1024,
             exclude_ops: Vec::new(),
+            variance_allocator: false,
+            reallocate_every: 100,
             out: None,
             resume: None,
         }
@@ -102,6 +110,10 @@ pub struct FitSummary {
     /// The same context uncompressed (what L0 stores).
     pub context_bytes_uncompressed: usize,
     pub peak_bytes: usize,
+    /// Time spent estimating sensitivities for the bit allocator (0 without it).
+    pub allocator_seconds: f64,
+    /// Bits of each saved tensor (by save slot) under the variance allocator.
+    pub bits_per_tensor: Option<Vec<u8>>,
     /// Loss of every training step run in this invocation, in order (resume tests use it).
     #[serde(skip)]
     pub step_losses: Vec<(u64, f32)>,
@@ -197,15 +209,20 @@ pub fn input_spec(data: &Dataset) -> InputSpec {
     }
 }
 
-/// The compression policy for a config.
-pub fn policy_for(cfg: &FitConfig) -> CompressPolicy {
-    CompressPolicy::new(CompressConfig {
+fn compress_config(cfg: &FitConfig) -> CompressConfig {
+    CompressConfig {
         level: cfg.level,
         group: cfg.group_size,
         min_elements: cfg.min_compress_elements,
         exclude_ops: cfg.exclude_ops.clone(),
         seed: cfg.seed,
-    })
+    }
+}
+
+/// Whether this run allocates bits by gradient variance: asked for, and a budget below 8 bits
+/// (L3, L4, `--bits`), where tensors compete for bits; L1/L2 are uniform by definition.
+fn uses_allocator(cfg: &FitConfig, graph: bool) -> bool {
+    cfg.variance_allocator && cfg.level.avg_bits() < 8.0 && !graph
 }
 
 fn metrics_line(file: &mut Option<std::fs::File>, v: serde_json::Value) -> Result<()> {
@@ -290,7 +307,21 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
         total_steps,
     };
     let mut opt = Optimizer::new(cfg.optimizer.clone());
-    let mut tape = Tape::new(Box::new(policy_for(cfg))).with_seed(cfg.seed);
+    let plan = if uses_allocator(cfg, run.graph.is_some()) {
+        Some(VariancePlan::new(
+            cfg.level.avg_bits(),
+            cfg.reallocate_every,
+            Estimator::numerical(),
+        )?)
+    } else {
+        None
+    };
+    let policy = match &plan {
+        Some(p) => CompressPolicy::with_plan(compress_config(cfg), p.boxed()),
+        None => CompressPolicy::new(compress_config(cfg)),
+    };
+    let mut tape = Tape::new(Box::new(policy)).with_seed(cfg.seed);
+    let mut allocator_seconds = 0.0;
 
     let mut meta = CheckpointMeta {
         step: 0,
@@ -340,6 +371,11 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
         };
         for (batch_in_epoch, batch) in (first_batch as u64 + 1..).zip(epoch_iter) {
             let (x, y) = batch?;
+            if let Some(p) = &plan {
+                let ta = Instant::now();
+                p.maybe_estimate(&mut run.model, &x, &y)?;
+                allocator_seconds += ta.elapsed().as_secs_f64();
+            }
             let t0 = Instant::now();
             tape.set_step(step);
             tape.begin_step();
@@ -415,7 +451,11 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
         progress.end_epoch(&line);
         metrics_line(
             &mut metrics,
-            serde_json::json!({"kind": "epoch", "epoch": epoch, "step": step, "train_loss": train_loss, "test_loss": test_loss, "test_accuracy": test_acc}),
+            serde_json::json!({
+                "kind": "epoch", "epoch": epoch, "step": step, "train_loss": train_loss,
+                "test_loss": test_loss, "test_accuracy": test_acc,
+                "bits_per_tensor": plan.as_ref().map(|p| p.bits()),
+            }),
         )?;
         epoch += 1;
         first_batch = 0;
@@ -450,6 +490,8 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
         context_bytes: last_ctx,
         context_bytes_uncompressed: last_unc,
         peak_bytes: memory::peak_bytes(),
+        allocator_seconds,
+        bits_per_tensor: plan.as_ref().map(|p| p.bits()),
         step_losses,
     })
 }
