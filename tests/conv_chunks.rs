@@ -104,15 +104,18 @@ fn chunked_convolution_equals_one_call() {
             let chunked = run(&x, &w, &b, p, level);
             set_workspace_bytes(16 << 20);
             for (i, (a, c)) in whole.iter().zip(&chunked).enumerate() {
+                let scale = a.iter().fold(0f32, |m, u| m.max(u.abs())).max(1e-6);
                 let worst = a
                     .iter()
                     .zip(c)
-                    .map(|(u, v)| (u - v).abs() / (u.abs().max(v.abs()) + 1e-3))
-                    .fold(0f32, f32::max);
-                // Chunks change only the summation order of the weight gradient.
+                    .map(|(u, v)| (u - v).abs())
+                    .fold(0f32, f32::max)
+                    / scale;
+                // Chunks change only the f32 summation order of the weight gradient: differences
+                // are rounding noise relative to the tensor's scale; a wrong chunk would be O(1).
                 assert!(
-                    worst < 1e-4,
-                    "{p:?} {level:?} output/grad #{i}: chunked differs by {worst}"
+                    worst < 1e-5,
+                    "{p:?} {level:?} output/grad #{i}: chunked differs by {worst} of the max"
                 );
             }
         }
