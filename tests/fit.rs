@@ -189,6 +189,14 @@ fn bad_inputs_are_clear_errors() {
             vec!["--allocator", "greedy"],
         ),
         (
+            vec!["--group-size".into(), "7".into()],
+            vec!["--group-size", "7"],
+        ),
+        (
+            vec!["--exclude-ops".into(), "conv2d,softmaxx".into()],
+            vec!["--exclude-ops", "softmaxx", "conv2d"],
+        ),
+        (
             vec!["--resume".into(), missing.into()],
             vec!["--resume", missing],
         ),

@@ -146,6 +146,12 @@ impl FitArgs {
             "uniform" => false,
             other => bail!("--allocator `{other}`: expected variance or uniform"),
         };
+        if self.group_size == 0 || !self.group_size.is_multiple_of(8) {
+            bail!(
+                "--group-size {}: must be a positive multiple of 8 (groups start on byte boundaries)",
+                self.group_size
+            );
+        }
         if self.reallocate_every == 0 {
             bail!("--reallocate-every must be at least 1");
         }

@@ -225,10 +225,4 @@ impl Tape {
             Ok(vec![Some(g)])
         })
     }
-
-    /// Sum over the last dim, keeping it (a common building block).
-    pub fn sum_last_keepdim(&mut self, x: &Value) -> Result<Value> {
-        let last = x.rank() - 1;
-        self.sum(x, &[last], true)
-    }
 }

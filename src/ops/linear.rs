@@ -3,7 +3,6 @@
 use super::sum_to_shape;
 use crate::tape::{SaveAs, Tape, Value};
 use anyhow::{bail, Result};
-use candle_core::Tensor;
 
 impl Tape {
     /// `a @ b` over the last two dims; leading (batch) dims broadcast.
@@ -105,9 +104,4 @@ impl Tape {
             Ok(grads)
         })
     }
-}
-
-/// Transposes the last two dims and makes the result contiguous (matmul is fastest that way).
-pub fn t_contiguous(t: &Tensor) -> Result<Tensor> {
-    Ok(t.t()?.contiguous()?)
 }

@@ -124,13 +124,6 @@ impl Tape {
         self
     }
 
-    pub fn set_policy(&mut self, policy: Box<dyn ContextPolicy>) {
-        self.policy = policy;
-    }
-    pub fn policy_mut(&mut self) -> &mut dyn ContextPolicy {
-        self.policy.as_mut()
-    }
-
     /// Training mode: record nodes, batch norm uses batch statistics, dropout drops.
     pub fn train_mode(&mut self) {
         self.training = true;

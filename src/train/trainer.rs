@@ -232,6 +232,23 @@ fn metrics_line(file: &mut Option<std::fs::File>, v: serde_json::Value) -> Resul
     Ok(())
 }
 
+/// `--exclude-ops` names must be ops that save context in this model: a misspelt name would
+/// otherwise silently exclude nothing. Checked against the first step's context log.
+fn check_excluded_ops(excluded: &[String], log: &[crate::tape::ContextRecord]) -> Result<()> {
+    let mut seen: Vec<&str> = log.iter().map(|r| r.op).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    for name in excluded {
+        if !seen.contains(&name.as_str()) {
+            bail!(
+                "--exclude-ops `{name}`: no op of this model saves context under that name (ops that do: {})",
+                seen.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Writes `config.json` atomically.
 fn write_config(dir: &Path, cfg: &FitConfig) -> Result<()> {
     let tmp = dir.join("config.json.tmp");
@@ -392,6 +409,9 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
                         None => String::new(),
                     }
                 );
+            }
+            if step == meta.step {
+                check_excluded_ops(&cfg.exclude_ops, tape.context_log())?;
             }
             last_ctx = tape.live_context_bytes();
             last_unc = tape
