@@ -9,9 +9,10 @@
 //! * the allocator's cost (estimation + solve) against a training step, amortised over the
 //!   re-allocation interval.
 //!
-//! `cargo run --release --example allocator_eval [-- --draws 16 --every 100 --bits 2]`
+//! `cargo run --release --example allocator_eval [-- --draws 16 --every 200 --bits 2]`
 //! (also `--only cnn|resnet|gpt`, `--rounds N`, `--per-round M`, `--probe-bits B`,
-//! `--passes K`, `--sub-batch S`). Runs in ~6 minutes on 2 CPU cores.
+//! `--passes K`, `--sub-batch S`, `--text FILE` for a real character corpus instead of synthetic
+//! text, `--warmup N` to train N AdamW steps before measuring). Runs in ~6 minutes on 2 CPU cores.
 
 use actrain::allocate::{
     flat_grad, Estimator, NumericalConfig, Sampling, SlotReport, VariancePlan,
@@ -21,6 +22,7 @@ use actrain::data::{load, LoadOptions};
 use actrain::model::{load_def, InputSpec, Model};
 use actrain::ops::loss::CrossEntropyOptions;
 use actrain::tape::{ContextPolicy, KeepPolicy, Tape};
+use actrain::train::optim::{Optimizer, OptimizerConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use std::time::Instant;
@@ -32,16 +34,23 @@ struct Args {
     only: Option<String>,
     rounds: Option<usize>,
     cfg: NumericalConfig,
+    /// Character corpus for the GPT case (`text:FILE`) instead of synthetic text.
+    text: Option<String>,
+    /// Training steps (AdamW, fp32 context) before measuring: sensitivities of a model that
+    /// has learnt something, not of its initialisation.
+    warmup: usize,
 }
 
 fn parse_args() -> Result<Args> {
     let mut a = Args {
         draws: 32,
-        every: 100,
+        every: 200,
         bits: 2.0,
         only: None,
         rounds: None,
         cfg: NumericalConfig::default(),
+        text: None,
+        warmup: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -56,10 +65,44 @@ fn parse_args() -> Result<Args> {
             "--probe-bits" => a.cfg.probe_bits = val.parse()?,
             "--passes" => a.cfg.sign_passes = val.parse()?,
             "--sub-batch" => a.cfg.sub_batch = val.parse()?,
-            other => bail!("unknown flag {other} (expected --draws, --every, --bits)"),
+            "--text" => a.text = Some(val),
+            "--warmup" => a.warmup = val.parse()?,
+            other => bail!("unknown flag {other} (expected --draws, --every, --bits, --only, --text, --warmup, ...)"),
         }
     }
     Ok(a)
+}
+
+/// `steps` AdamW steps at fp32 context on consecutive `batch`-sized windows of `(xs, ys)`.
+fn warm_up(model: &mut Model, xs: &Tensor, ys: &Tensor, batch: usize, steps: usize) -> Result<()> {
+    if steps == 0 {
+        return Ok(());
+    }
+    let n = xs.dims()[0];
+    let batch = batch.min(n);
+    let mut opt = Optimizer::new(OptimizerConfig::AdamW {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+    });
+    let mut tape = Tape::new(Box::new(KeepPolicy));
+    let mut last = f32::NAN;
+    for step in 0..steps {
+        let start = (step * batch) % (n - batch + 1);
+        let (x, y) = (xs.narrow(0, start, batch)?, ys.narrow(0, start, batch)?);
+        tape.begin_step();
+        model.params.zero_grad();
+        let logits = model.forward(&mut tape, &x, None)?;
+        let loss = tape.cross_entropy(&logits, &y, CrossEntropyOptions::default())?;
+        drop(logits);
+        last = loss.tensor().to_scalar::<f32>()?;
+        tape.backward(&loss, &mut model.params)?;
+        opt.step(&mut model.params, 1e-3)?;
+    }
+    model.params.zero_grad();
+    eprintln!("  warm-up: {steps} AdamW steps at batch {batch}, last loss {last:.3}");
+    Ok(())
 }
 
 /// One forward+backward with `policy`; the flattened parameter gradient.
@@ -331,13 +374,14 @@ fn main() -> Result<()> {
         digits.train.x.narrow(0, 0, 64)?,
         digits.train.y.narrow(0, 0, 64)?,
     );
-    let cnn = Model::build(
+    let mut cnn = Model::build(
         &load_def("cnn")?,
         &image_spec(&digits.sample_shape, digits.task.num_outputs()),
         1,
     )?;
     let want = |n: &str| args.only.as_deref().is_none_or(|o| n.contains(o));
     if want("cnn") {
+        warm_up(&mut cnn, &digits.train.x, &digits.train.y, 64, args.warmup)?;
         rows.push(evaluate("cnn / digits", cnn, x, y, &args)?);
     }
 
@@ -346,12 +390,13 @@ fn main() -> Result<()> {
         synth.train.x.narrow(0, 0, 32)?,
         synth.train.y.narrow(0, 0, 32)?,
     );
-    let resnet = Model::build(
+    let mut resnet = Model::build(
         &load_def("resnet18-cifar")?,
         &image_spec(&synth.sample_shape, 10),
         1,
     )?;
     if want("resnet") {
+        warm_up(&mut resnet, &synth.train.x, &synth.train.y, 32, args.warmup)?;
         rows.push(evaluate(
             "resnet18-cifar / synthetic 3x16x16",
             resnet,
@@ -361,13 +406,17 @@ fn main() -> Result<()> {
         )?);
     }
 
-    let text = load("synthetic-text:65:64:512", &opts)?;
+    let text_spec = match &args.text {
+        Some(f) => format!("text:{f}"),
+        None => "synthetic-text:65:64:512".to_string(),
+    };
+    let text = load(&text_spec, &opts)?;
     let (x, y) = (
         text.train.x.narrow(0, 0, 16)?,
         text.train.y.narrow(0, 0, 16)?,
     );
     let vocab = text.task.num_outputs();
-    let gpt = Model::build(
+    let mut gpt = Model::build(
         &load_def("gpt-char")?,
         &InputSpec {
             sample_shape: text.sample_shape.clone(),
@@ -379,13 +428,9 @@ fn main() -> Result<()> {
         1,
     )?;
     if want("gpt") {
-        rows.push(evaluate(
-            "gpt-char / synthetic-text:65:64",
-            gpt,
-            x,
-            y,
-            &args,
-        )?);
+        warm_up(&mut gpt, &text.train.x, &text.train.y, 16, args.warmup)?;
+        let name = format!("gpt-char / {}", text_spec.replace(":512", ""));
+        rows.push(evaluate(&name, gpt, x, y, &args)?);
     }
 
     println!(

@@ -15,7 +15,8 @@
 //! and only ever report a size that was probed and fitted. The budget handed to probes is
 //! `(1 − margin) · memory`.
 
-use crate::compress::policy::{CompressConfig, CompressPolicy, Level};
+use crate::allocate::{policy_for, Allocator};
+use crate::compress::policy::{CompressConfig, Level};
 use crate::data::{self, Dataset, LoadOptions, Spec, Task};
 use crate::memory::{self, human_bytes};
 use crate::model::{self, InputSpec, Model, ModelDef};
@@ -109,17 +110,22 @@ fn probe_steps(
     def: &ModelDef,
     input: &InputSpec,
     level: Level,
+    allocator: Allocator,
     batch: usize,
     steps: usize,
     seed: u64,
 ) -> Result<f64> {
     let (x, y) = crate::model::random_batch(input, batch, seed)?;
     let mut model = Model::build(def, input, seed)?;
-    let policy = CompressPolicy::new(CompressConfig {
+    // With the variance allocator the plan's first estimate runs here, inside the budget, as
+    // it does before `fit`'s first step; its bits (up to the level's average) are what the
+    // steps store.
+    let cfg = CompressConfig {
         level,
         seed,
         ..CompressConfig::default()
-    });
+    };
+    let (policy, _plan) = policy_for(cfg, allocator, &mut model, &x, &y)?;
     let mut tape = Tape::new(Box::new(policy)).with_seed(seed);
     tape.train_mode();
     let mut opt = Optimizer::new(OptimizerConfig::Sgd {
@@ -162,6 +168,31 @@ pub fn probe(
     steps: usize,
     seed: u64,
 ) -> Result<ProbeOutcome> {
+    probe_with(
+        def,
+        input,
+        level,
+        Allocator::Uniform,
+        batch,
+        budget_bytes,
+        steps,
+        seed,
+    )
+}
+
+/// [`probe`] with the bits of `allocator` (the variance allocator runs its first estimate
+/// inside the probe's budget).
+#[allow(clippy::too_many_arguments)]
+pub fn probe_with(
+    def: &ModelDef,
+    input: &InputSpec,
+    level: Level,
+    allocator: Allocator,
+    batch: usize,
+    budget_bytes: usize,
+    steps: usize,
+    seed: u64,
+) -> Result<ProbeOutcome> {
     if batch == 0 {
         bail!("probe: the batch size must be at least 1");
     }
@@ -184,7 +215,7 @@ pub fn probe(
     let baseline = memory::current_bytes();
     memory::set_budget(Some(baseline.saturating_add(budget_bytes)));
     memory::reset_peak();
-    let result = probe_steps(def, input, level, batch, steps, seed);
+    let result = probe_steps(def, input, level, allocator, batch, steps, seed);
     let peak = memory::peak_bytes().saturating_sub(baseline);
     memory::set_budget(None);
     match result {
@@ -225,6 +256,8 @@ pub struct InProcessProber {
     pub budget_bytes: usize,
     pub steps: usize,
     pub seed: u64,
+    /// Bits at L3/L4 (uniform unless set; `max-batch` sets its `--allocator`).
+    pub allocator: Allocator,
     warmed: bool,
     repeats_left: usize,
 }
@@ -245,6 +278,7 @@ impl InProcessProber {
             budget_bytes,
             steps,
             seed,
+            allocator: Allocator::Uniform,
             warmed: false,
             repeats_left: Self::MAX_REPEATS,
         }
@@ -275,10 +309,11 @@ impl Prober for InProcessProber {
         self.warm_up()?;
         loop {
             let before = memory::current_bytes();
-            let outcome = probe(
+            let outcome = probe_with(
                 &self.def,
                 &self.input,
                 level,
+                self.allocator,
                 batch,
                 self.budget_bytes,
                 self.steps,
@@ -310,6 +345,7 @@ pub struct SubprocessProber {
     pub budget_bytes: usize,
     pub steps: usize,
     pub seed: u64,
+    pub allocator: Allocator,
 }
 
 impl SubprocessProber {
@@ -330,6 +366,7 @@ impl SubprocessProber {
         kv("--batch", batch.to_string());
         kv("--steps", self.steps.to_string());
         kv("--seed", self.seed.to_string());
+        kv("--allocator", self.allocator.name().into());
         a
     }
 }
@@ -405,12 +442,14 @@ pub fn probe_only(
     budget_bytes: usize,
     steps: usize,
     seed: u64,
+    allocator: Allocator,
 ) -> Result<String> {
     let def = model::load_def(model_spec)?;
     let input = load_input_spec(data_spec, seq_len, seed)?;
     // Warmed up and repeated like an in-process probe, so a fresh process is not charged for
     // its one-time state.
     let mut p = InProcessProber::new(def, input, budget_bytes, steps, seed);
+    p.allocator = allocator;
     let rep = Prober::probe(&mut p, level, batch)?;
     Ok(probe_line(&rep.outcome))
 }
@@ -794,6 +833,8 @@ pub struct MaxBatchConfig {
     pub search: SearchConfig,
     pub steps: usize,
     pub seed: u64,
+    /// Bits at L3/L4: the probes run what `fit --allocator` would.
+    pub allocator: Allocator,
     pub isolate: Option<Isolation>,
 }
 
@@ -863,13 +904,14 @@ pub fn describe_run(cfg: &MaxBatchConfig, input: &InputSpec) -> String {
     };
     format!(
         "max-batch: model {}, data {} ({what}); memory {} minus a {:.0}% margin = {} per probe; \
-         {} training steps per probe{}",
+         {} training steps per probe, {} bits at L3/L4{}",
         cfg.model,
         cfg.data,
         human_bytes(cfg.memory_bytes),
         cfg.margin * 100.0,
         human_bytes(cfg.probe_budget()),
         cfg.steps,
+        cfg.allocator.name(),
         if cfg.isolate.is_some() {
             ", one process per probe"
         } else {
@@ -894,6 +936,7 @@ pub fn run_max_batch(
     let results = match &cfg.isolate {
         None => {
             let mut p = InProcessProber::new(def, input.clone(), budget, cfg.steps, cfg.seed);
+            p.allocator = cfg.allocator;
             search_levels(&cfg.levels, &cfg.search, &mut p, on_line)?
         }
         Some(iso) => {
@@ -906,6 +949,7 @@ pub fn run_max_batch(
                 budget_bytes: budget,
                 steps: cfg.steps,
                 seed: cfg.seed,
+                allocator: cfg.allocator,
             };
             search_levels(&cfg.levels, &cfg.search, &mut p, on_line)?
         }

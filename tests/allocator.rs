@@ -496,3 +496,91 @@ fn variance_plan_rejects_bad_settings_and_defaults_to_uniform() {
     plan.set_sensitivities(&[(7, 1.0)]).unwrap();
     assert_eq!(plan.bits()[7], 2);
 }
+
+/// A plan restored from its exported state (through JSON, as in a checkpoint) continues
+/// exactly like the original: same estimates, sensitivities and bits at every later step.
+#[test]
+fn plan_state_round_trips_and_continues_identically() {
+    let def = load_def("cnn").unwrap();
+    let (x, y) = digits_like(16, 9);
+    let step = |plan: &VariancePlan, model: &mut Model, tape: &mut Tape| {
+        plan.maybe_estimate(model, &x, &y).unwrap();
+        tape.begin_step();
+        let logits = model.forward(tape, &x, None).unwrap();
+        let loss = tape
+            .cross_entropy(&logits, &y, CrossEntropyOptions::default())
+            .unwrap();
+        drop(logits);
+        tape.backward(&loss, &mut model.params).unwrap();
+    };
+    let new_run = || {
+        let model = Model::build(&def, &image(&[1, 8, 8], 10), 3).unwrap();
+        let plan = VariancePlan::new(1.5, 2, Estimator::numerical()).unwrap();
+        let cfg = CompressConfig {
+            level: Level::Bits(1.5),
+            ..Default::default()
+        };
+        let tape = Tape::new(Box::new(CompressPolicy::with_plan(cfg, plan.boxed())));
+        (model, plan, tape)
+    };
+    let (mut model_a, plan_a, mut tape_a) = new_run();
+    for _ in 0..3 {
+        step(&plan_a, &mut model_a, &mut tape_a);
+    }
+    let json = serde_json::to_string(&plan_a.export_state().unwrap()).unwrap();
+    let state: actrain::allocate::PlanState = serde_json::from_str(&json).unwrap();
+    assert_eq!(state, plan_a.export_state().unwrap(), "JSON is lossless");
+
+    let (mut model_b, plan_b, mut tape_b) = new_run();
+    plan_b.import_state(&state).unwrap();
+    assert_eq!(plan_b.export_state().unwrap(), state);
+    for _ in 3..7 {
+        tape_b.set_step(tape_a.step());
+        step(&plan_a, &mut model_a, &mut tape_a);
+        step(&plan_b, &mut model_b, &mut tape_b);
+        assert_eq!(plan_a.bits(), plan_b.bits());
+        assert_eq!(plan_a.slots(), plan_b.slots());
+    }
+    assert!(plan_a.stats().estimates >= 3);
+
+    // A plan built for another budget or interval refuses the state, naming the flag.
+    let other = VariancePlan::new(2.0, 2, Estimator::numerical()).unwrap();
+    let msg = other.import_state(&state).unwrap_err().to_string();
+    assert!(msg.contains("--level/--bits"), "{msg}");
+    let other = VariancePlan::new(1.5, 5, Estimator::numerical()).unwrap();
+    let msg = other.import_state(&state).unwrap_err().to_string();
+    assert!(msg.contains("--reallocate-every"), "{msg}");
+}
+
+/// `profile-memory` with the variance allocator shows the plan's per-tensor bits: more than
+/// one rung at 1.5 bits, within the budget, and the rows still add up to the saved context.
+#[test]
+fn profile_shows_the_allocated_bits() {
+    use actrain::allocate::Allocator;
+    use actrain::memory::profile::profile_step_with;
+    let def = load_def("cnn").unwrap();
+    let (x, y) = digits_like(64, 3);
+    let mut model = Model::build(&def, &image(&[1, 8, 8], 10), 3).unwrap();
+    let p = profile_step_with(&mut model, Level::L4, Allocator::Variance, &x, &y, 7).unwrap();
+    assert_eq!(p.allocator, Allocator::Variance);
+    let quantized: Vec<_> = p.rows.iter().filter(|r| r.repr.starts_with('q')).collect();
+    let rungs: std::collections::BTreeSet<&str> =
+        quantized.iter().map(|r| r.repr.as_str()).collect();
+    assert!(rungs.len() >= 2, "per-tensor bits differ: {rungs:?}");
+    let (bits, elems) = quantized.iter().fold((0.0, 0.0), |(b, e), r| {
+        let n = r.shape.iter().product::<usize>() as f64;
+        let rung: f64 = r.repr[1..].parse().unwrap();
+        (b + rung * n, e + n)
+    });
+    assert!(bits / elems <= 1.5 + 1e-9, "average {} bits", bits / elems);
+    let stored: usize = p.rows.iter().map(|r| r.stored_bytes).sum();
+    assert_eq!(stored, p.activations);
+
+    let mut model = Model::build(&def, &image(&[1, 8, 8], 10), 3).unwrap();
+    let u = profile_step_with(&mut model, Level::L4, Allocator::Uniform, &x, &y, 7).unwrap();
+    assert!(u
+        .rows
+        .iter()
+        .filter(|r| r.repr.starts_with('q'))
+        .all(|r| r.repr == "q1"));
+}

@@ -24,13 +24,12 @@ fn small(level: Level) -> FitConfig {
     }
 }
 
-#[test]
-fn resumed_run_equals_the_uninterrupted_one() {
+fn check_resume(name: &str, base: FitConfig) {
     // Uninterrupted: 2 epochs of 8 batches.
     let full = fit(
         &FitConfig {
-            out: Some(tmp("full")),
-            ..small(Level::L3)
+            out: Some(tmp(&format!("{name}-full"))),
+            ..base.clone()
         },
         &mut NoProgress,
     )
@@ -38,12 +37,12 @@ fn resumed_run_equals_the_uninterrupted_one() {
     assert_eq!(full.steps, 16);
 
     // Interrupted mid-epoch after 5 steps (a checkpoint is written), then resumed.
-    let dir = tmp("resumed");
+    let dir = tmp(&format!("{name}-resumed"));
     let first = fit(
         &FitConfig {
             out: Some(dir.clone()),
             max_steps: Some(5),
-            ..small(Level::L3)
+            ..base.clone()
         },
         &mut NoProgress,
     )
@@ -53,7 +52,7 @@ fn resumed_run_equals_the_uninterrupted_one() {
         &FitConfig {
             out: Some(dir.clone()),
             resume: Some(dir.clone()),
-            ..small(Level::L3)
+            ..base.clone()
         },
         &mut NoProgress,
     )
@@ -72,6 +71,11 @@ fn resumed_run_equals_the_uninterrupted_one() {
         );
     }
     assert_eq!(full.test_accuracy, rest.test_accuracy);
+    assert_eq!(full.bits_per_tensor, rest.bits_per_tensor);
+    assert_eq!(
+        full.allocator_estimates, rest.allocator_estimates,
+        "the resumed allocator continues the original's estimate schedule"
+    );
     // Metrics were appended across both invocations: 16 step lines, 2 epoch lines.
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
     assert_eq!(
@@ -89,6 +93,54 @@ fn resumed_run_equals_the_uninterrupted_one() {
         2
     );
     assert!(dir.join("config.json").exists() && dir.join("weights.safetensors").exists());
+}
+
+#[test]
+fn resumed_run_equals_the_uninterrupted_one() {
+    // The variance allocator re-estimates every 3 steps, so estimates fall on both sides of
+    // the interruption: its state (sensitivities, bits, rotation) must come back exactly.
+    check_resume(
+        "variance",
+        FitConfig {
+            variance_allocator: true,
+            reallocate_every: 3,
+            // 1.5 bits: tensors get different rungs (at 2 bits this small CNN stays uniform).
+            ..small(Level::L4)
+        },
+    );
+    check_resume(
+        "uniform",
+        FitConfig {
+            variance_allocator: false,
+            ..small(Level::L3)
+        },
+    );
+}
+
+#[test]
+fn resuming_with_another_allocator_is_refused() {
+    let dir = tmp("allocator-switch");
+    fit(
+        &FitConfig {
+            out: Some(dir.clone()),
+            max_steps: Some(2),
+            ..small(Level::L3)
+        },
+        &mut NoProgress,
+    )
+    .unwrap();
+    let err = fit(
+        &FitConfig {
+            out: Some(dir.clone()),
+            resume: Some(dir.clone()),
+            variance_allocator: false,
+            ..small(Level::L3)
+        },
+        &mut NoProgress,
+    )
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("--allocator variance"), "{msg}");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! Real probes use the `mlp` preset on digits with budgets of a few MiB (fast); the search
 //! rules are also checked against a fake prober whose limit is known exactly.
 
+use actrain::allocate::Allocator;
 use actrain::compress::policy::Level;
 use actrain::memory::current_bytes;
 use actrain::model::{load_def, InputSpec, ModelDef};
@@ -468,6 +469,7 @@ fn base_config() -> MaxBatchConfig {
         search: SearchConfig::default(),
         steps: 2,
         seed: 42,
+        allocator: Allocator::Variance,
         isolate: None,
     }
 }
@@ -601,6 +603,7 @@ fn isolate_child() -> Result<()> {
         budget,
         get("--steps").parse()?,
         get("--seed").parse()?,
+        get("--allocator").parse()?,
     )?;
     println!("\n{line}");
     Ok(())
@@ -627,8 +630,10 @@ fn isolated_probes_agree_with_in_process_ones() -> Result<()> {
         budget_bytes: 4 * MIB,
         steps: 2,
         seed: 42,
+        allocator: Allocator::Variance,
     };
     let mut inproc = prober(4 * MIB);
+    inproc.allocator = Allocator::Variance;
     let cfg = SearchConfig {
         start: 256,
         max: None,
@@ -636,6 +641,10 @@ fn isolated_probes_agree_with_in_process_ones() -> Result<()> {
     };
     let a = search_level(Level::L0, &cfg, &mut sub, &mut quiet())?;
     let b = search_level(Level::L0, &cfg, &mut inproc, &mut quiet())?;
+    assert_eq!(a.max_batch, b.max_batch, "{:#?}", a.probes);
+    // At L3 the variance allocator's estimate runs inside each probe, in both modes.
+    let a = search_level(Level::L3, &cfg, &mut sub, &mut quiet())?;
+    let b = search_level(Level::L3, &cfg, &mut inproc, &mut quiet())?;
     assert_eq!(a.max_batch, b.max_batch, "{:#?}", a.probes);
     assert_reported_was_probed(&a);
     assert!(a.probes.iter().all(|p| p.residual_bytes.is_none()));

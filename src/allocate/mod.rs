@@ -13,9 +13,39 @@ pub mod plan;
 pub mod sensitivity;
 pub mod solver;
 
-pub use plan::{Estimator, PlanStats, SlotReport, VariancePlan};
+pub use plan::{policy_for, Estimator, PlanState, PlanStats, SlotReport, SlotState, VariancePlan};
 pub use sensitivity::{
     estimate_per_slot, estimate_randomized, estimate_slots, flat_grad, NumericalConfig, ProbeMode,
     ProbePolicy, Sampling, Sensitivities, SlotProbe,
 };
 pub use solver::{allocate, allocate_greedy, solve, variance_factor, Allocation, TensorCost};
+
+/// How a run at L3/L4/`--bits` gives saved tensors their bits (`--allocator`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Allocator {
+    /// Every tensor the most precise ladder rung within the budget.
+    Uniform,
+    /// Per-tensor bits from [`VariancePlan`] (the default of the commands).
+    Variance,
+}
+
+impl Allocator {
+    pub fn name(self) -> &'static str {
+        match self {
+            Allocator::Uniform => "uniform",
+            Allocator::Variance => "variance",
+        }
+    }
+}
+
+impl std::str::FromStr for Allocator {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "uniform" => Ok(Allocator::Uniform),
+            "variance" => Ok(Allocator::Variance),
+            other => anyhow::bail!("--allocator `{other}`: expected variance or uniform"),
+        }
+    }
+}

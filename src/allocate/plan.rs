@@ -29,7 +29,8 @@ use super::sensitivity::{
     estimate_randomized, estimate_slots, flat_grad, NumericalConfig, Sampling, SlotProbe,
 };
 use super::solver::{solve, TensorCost};
-use crate::compress::policy::{BitPlan, LADDER};
+use super::Allocator;
+use crate::compress::policy::{BitPlan, CompressConfig, CompressPolicy, LADDER};
 use crate::compress::DEFAULT_GROUP;
 use crate::model::Model;
 use crate::ops::loss::CrossEntropyOptions;
@@ -223,7 +224,8 @@ impl VariancePlan {
     pub fn due(&self) -> bool {
         let Ok(s) = self.state() else { return false };
         matches!(s.estimator, Estimator::Numerical(_))
-            && s.last_estimate.is_none_or(|l| s.step >= l + s.every)
+            && s.last_estimate
+                .is_none_or(|l| s.step >= l.saturating_add(s.every))
     }
 
     /// Runs the numerical estimate on the first `sub_batch` samples of `(x, y)` if it is due
@@ -441,6 +443,169 @@ impl VariancePlan {
     }
 }
 
+/// The compression policy a one-off step at `cfg.level` runs under (`profile-memory`, the
+/// `max-batch` probes): with [`Allocator::Variance`] below 8 average bits, a fresh plan that
+/// has made its first estimate on `(x, y)` (what `fit` does before its first step), else the
+/// uniform policy. Returns the plan too, to report its bits.
+pub fn policy_for(
+    cfg: CompressConfig,
+    allocator: Allocator,
+    model: &mut Model,
+    x: &Tensor,
+    y: &Tensor,
+) -> Result<(CompressPolicy, Option<VariancePlan>)> {
+    if allocator == Allocator::Uniform || cfg.level.avg_bits() >= 8.0 {
+        return Ok((CompressPolicy::new(cfg), None));
+    }
+    let plan = VariancePlan::new(cfg.level.avg_bits(), u64::MAX, Estimator::numerical())?;
+    plan.estimate(model, x, y)?;
+    Ok((CompressPolicy::with_plan(cfg, plan.boxed()), Some(plan)))
+}
+
+/// The plan's learned state as written into a checkpoint, so a resumed run allocates exactly
+/// as the uninterrupted one would (same sensitivities, bits, estimate schedule and rotation).
+/// f64s round-trip exactly through JSON (serde_json prints the shortest exact form).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PlanState {
+    pub avg_bits: f64,
+    pub every: u64,
+    pub estimator: String,
+    pub smoothing: f64,
+    pub step: u64,
+    pub last_estimate: Option<u64>,
+    pub rounds: u64,
+    pub cursor: usize,
+    pub dirty: bool,
+    pub gather_energy: bool,
+    pub solved_for: Vec<(usize, usize)>,
+    pub slots: Vec<SlotState>,
+    pub estimates: u64,
+    pub solves: u64,
+}
+
+/// One slot of [`PlanState`].
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SlotState {
+    pub op: String,
+    pub elements: usize,
+    pub seen_step: u64,
+    pub probe_elements: usize,
+    pub sensitivity: Option<f64>,
+    pub energy: Option<f64>,
+    pub bits: Option<u8>,
+}
+
+impl VariancePlan {
+    /// The state to checkpoint ([`PlanState`]).
+    pub fn export_state(&self) -> Result<PlanState> {
+        let s = self.state()?;
+        Ok(PlanState {
+            avg_bits: s.avg_bits,
+            every: s.every,
+            estimator: s.estimator.name().to_string(),
+            smoothing: s.smoothing,
+            step: s.step,
+            last_estimate: s.last_estimate,
+            rounds: s.rounds,
+            cursor: s.cursor,
+            dirty: s.dirty,
+            gather_energy: s.gather_energy,
+            solved_for: s.solved_for.clone(),
+            slots: s
+                .slots
+                .iter()
+                .map(|sl| SlotState {
+                    op: sl.op.to_string(),
+                    elements: sl.elements,
+                    seen_step: sl.seen_step,
+                    probe_elements: sl.probe_elements,
+                    sensitivity: sl.sensitivity,
+                    energy: sl.energy,
+                    bits: sl.bits,
+                })
+                .collect(),
+            estimates: s.stats.estimates,
+            solves: s.stats.solves,
+        })
+    }
+
+    /// Restores a checkpointed state. The plan must have been built with the same budget,
+    /// interval and estimator (a resumed run with different flags is refused, naming them).
+    pub fn import_state(&self, st: &PlanState) -> Result<()> {
+        let mut s = self.state_mut()?;
+        if (s.avg_bits - st.avg_bits).abs() > 1e-9 {
+            bail!(
+                "the checkpoint's allocator ran at {} average bits, this run asks for {} (--level/--bits must match the original run)",
+                st.avg_bits,
+                s.avg_bits
+            );
+        }
+        if s.every != st.every {
+            bail!(
+                "the checkpoint's allocator re-allocated every {} steps, this run asks for {} (--reallocate-every must match the original run)",
+                st.every,
+                s.every
+            );
+        }
+        if s.estimator.name() != st.estimator {
+            bail!(
+                "the checkpoint's allocator used the {} estimator, this run the {}",
+                st.estimator,
+                s.estimator.name()
+            );
+        }
+        if let Some(b) = st
+            .slots
+            .iter()
+            .filter_map(|sl| sl.bits)
+            .find(|b| !LADDER.contains(b))
+        {
+            bail!("the checkpoint's allocator state has {b} bits for a tensor, not a rung of the ladder {LADDER:?}");
+        }
+        s.smoothing = st.smoothing;
+        s.step = st.step;
+        s.last_estimate = st.last_estimate;
+        s.rounds = st.rounds;
+        s.cursor = st.cursor;
+        s.dirty = st.dirty;
+        s.gather_energy = st.gather_energy;
+        s.solved_for = st.solved_for.clone();
+        s.slots = st
+            .slots
+            .iter()
+            .map(|sl| Slot {
+                op: intern_op(&sl.op),
+                elements: sl.elements,
+                seen_step: sl.seen_step,
+                probe_elements: sl.probe_elements,
+                sensitivity: sl.sensitivity,
+                energy: sl.energy,
+                bits: sl.bits,
+            })
+            .collect();
+        s.stats.estimates = st.estimates;
+        s.stats.solves = st.solves;
+        Ok(())
+    }
+}
+
+/// Op names are `&'static str` everywhere else (they come from the ops); a restored name is
+/// interned once per distinct name, so resuming never leaks more than the set of op names.
+fn intern_op(name: &str) -> &'static str {
+    use std::sync::{Mutex, OnceLock};
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut set = NAMES
+        .get_or_init(|| Mutex::new(HashSet::new()))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(&n) = set.get(name) {
+        return n;
+    }
+    let leaked: &'static str = Box::leak(name.to_string().into_boxed_str());
+    set.insert(leaked);
+    leaked
+}
+
 /// The most precise rung within the budget (what `UniformPlan` gives every tensor).
 fn uniform_rung(avg_bits: f32) -> u8 {
     LADDER
@@ -598,7 +763,8 @@ impl BitPlan for VariancePlan {
         }
         s.step = step;
         if matches!(s.estimator, Estimator::Analytic { .. })
-            && s.last_estimate.is_none_or(|l| step >= l + s.every)
+            && s.last_estimate
+                .is_none_or(|l| step >= l.saturating_add(s.every))
         {
             s.gather_energy = true;
             s.last_estimate = Some(step);

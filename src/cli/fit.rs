@@ -1,5 +1,6 @@
 //! `actrain fit`: train a model definition on a dataset at a compression level.
 
+use crate::allocate::Allocator;
 use crate::compress::policy::{bits_level, Level};
 use crate::memory::human_bytes;
 use crate::train::optim::OptimizerConfig;
@@ -82,13 +83,13 @@ pub struct FitArgs {
     /// Ops whose context is never compressed, comma separated (e.g. softmax,layer_norm).
     #[arg(long, value_delimiter = ',')]
     pub exclude_ops: Vec<String>,
-    /// Bit allocation for L3/L4/--bits: uniform (every tensor the same ladder rung, the
-    /// default) or variance (per-tensor bits minimising the gradient variance; a resumed run
-    /// re-estimates its sensitivities, so it is not a bit-exact continuation).
-    #[arg(long, default_value = "uniform")]
+    /// Bit allocation for L3/L4/--bits: variance (the default: per-tensor bits minimising the
+    /// gradient variance under the average-bits budget, re-estimated every
+    /// --reallocate-every steps) or uniform (every tensor the same ladder rung).
+    #[arg(long, default_value = "variance")]
     pub allocator: String,
     /// Steps between bit re-allocations (variance allocator).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 200)]
     pub reallocate_every: u64,
     /// Directory for config.json, metrics.jsonl and checkpoints.
     #[arg(long)]
@@ -141,11 +142,7 @@ impl FitArgs {
         if !(0.0..1.0).contains(&self.test_fraction) || self.test_fraction == 0.0 {
             bail!("--test-fraction {} must be in (0, 1)", self.test_fraction);
         }
-        let variance_allocator = match self.allocator.as_str() {
-            "variance" => true,
-            "uniform" => false,
-            other => bail!("--allocator `{other}`: expected variance or uniform"),
-        };
+        let variance_allocator = self.allocator.parse::<Allocator>()? == Allocator::Variance;
         if self.group_size == 0 || !self.group_size.is_multiple_of(8) {
             bail!(
                 "--group-size {}: must be a positive multiple of 8 (groups start on byte boundaries)",
@@ -274,7 +271,8 @@ pub fn run(args: &FitArgs) -> Result<()> {
         );
         if let Some(bits) = &s.bits_per_tensor {
             println!(
-                "variance allocator: bits per saved tensor {bits:?} ({:.1} s estimating, {:.1}% of the run)",
+                "variance allocator: bits per saved tensor {bits:?} ({} estimates, {:.1} s estimating, {:.1}% of the run)",
+                s.allocator_estimates,
                 s.allocator_seconds,
                 100.0 * s.allocator_seconds / s.seconds.max(1e-9)
             );

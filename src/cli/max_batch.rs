@@ -57,6 +57,10 @@ pub struct MaxBatchArgs {
     /// cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Bit allocation at L3/L4, as in `fit`: variance (the default; each probe first runs the
+    /// allocator's estimate, inside the budget) or uniform.
+    #[arg(long, default_value = "variance")]
+    pub allocator: String,
     /// No per-probe lines on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -93,6 +97,7 @@ impl MaxBatchArgs {
             },
             steps: self.steps,
             seed: self.seed,
+            allocator: self.allocator.parse()?,
             isolate: None,
         };
         cfg.validate()?;
@@ -159,6 +164,7 @@ fn run_probe_only(args: &MaxBatchArgs, cfg: &MaxBatchConfig) -> Result<()> {
         cfg.probe_budget(),
         cfg.steps,
         cfg.seed,
+        cfg.allocator,
     )?;
     println!("{line}");
     Ok(())
@@ -224,6 +230,7 @@ mod tests {
             budget_bytes: 3 << 20,
             steps: 2,
             seed: 7,
+            allocator: crate::allocate::Allocator::Variance,
         };
         let argv = p.child_args(Level::L3, 96);
         let mut v = vec!["actrain".to_string()];

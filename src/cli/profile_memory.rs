@@ -2,9 +2,10 @@
 //! representation, bits, stored and uncompressed bytes), the memory buckets, the peak and its
 //! phase — then a comparison across levels.
 
+use crate::allocate::Allocator;
 use crate::compress::policy::Level;
 use crate::memory::human_bytes;
-use crate::memory::profile::{profile_step, MemoryProfile};
+use crate::memory::profile::{profile_step_with, MemoryProfile};
 use crate::model::{load_def, random_batch, Model};
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
@@ -31,6 +32,10 @@ pub struct ProfileArgs {
     /// cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Bit allocation at L3/L4: variance (per-tensor bits, as `fit` uses by default) or
+    /// uniform.
+    #[arg(long, default_value = "variance")]
+    pub allocator: String,
     /// Print the profiles as JSON (one array) instead of tables.
     #[arg(long)]
     pub json: bool,
@@ -52,6 +57,7 @@ pub fn parse_levels(levels: &[String]) -> Result<Vec<Level>> {
 pub fn run(args: &ProfileArgs) -> Result<()> {
     super::check_device(&args.device)?;
     let levels = parse_levels(&args.levels)?;
+    let allocator: Allocator = args.allocator.parse()?;
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -61,7 +67,7 @@ pub fn run(args: &ProfileArgs) -> Result<()> {
     let mut profiles = Vec::new();
     for level in levels {
         let mut model = Model::build(&def, &spec, args.seed)?;
-        let p = profile_step(&mut model, level, &x, &y, args.seed)
+        let p = profile_step_with(&mut model, level, allocator, &x, &y, args.seed)
             .with_context(|| format!("profiling level {}", level.name()))?;
         if !args.json {
             print_profile(&def.name, &p);
@@ -81,7 +87,14 @@ fn ratio(a: usize, b: usize) -> f64 {
 }
 
 fn print_profile(model: &str, p: &MemoryProfile) {
-    println!("\n## {model}, level {}, batch {}\n", p.level, p.batch_size);
+    let how = match p.allocator {
+        Allocator::Variance => ", bits per tensor from the variance allocator",
+        Allocator::Uniform => "",
+    };
+    println!(
+        "\n## {model}, level {}{how}, batch {}\n",
+        p.level, p.batch_size
+    );
     println!("| layer | op | shape | stored as | bits/elem | stored | uncompressed | ratio |");
     println!("|---|---|---|---|---|---|---|---|");
     for r in &p.rows {

@@ -5,6 +5,7 @@
 //! window of the counting allocator. Buckets are exact tensor sizes; peaks are measured.
 
 use super::{current_bytes, peak_bytes, reset_peak};
+use crate::allocate::{policy_for, Allocator};
 use crate::compress::policy::{CompressConfig, CompressPolicy, Level};
 use crate::model::Model;
 use crate::ops::loss::CrossEntropyOptions;
@@ -38,6 +39,8 @@ pub struct PhasePeak {
 #[derive(Clone, Debug, Serialize)]
 pub struct MemoryProfile {
     pub level: String,
+    /// How the bits were chosen (the variance allocator only below 8 average bits).
+    pub allocator: Allocator,
     pub batch_size: usize,
     pub rows: Vec<ContextRow>,
     pub parameters: usize,
@@ -62,7 +65,8 @@ fn tensor_bytes(t: &Tensor) -> usize {
     t.elem_count() * t.dtype().size_in_bytes()
 }
 
-/// Profiles one training step of `model` at `level` on the batch `(x, y)`.
+/// Profiles one training step of `model` at `level` on the batch `(x, y)`, every tensor at the
+/// uniform rung of the level.
 pub fn profile_step(
     model: &mut Model,
     level: Level,
@@ -70,12 +74,31 @@ pub fn profile_step(
     y: &Tensor,
     seed: u64,
 ) -> Result<MemoryProfile> {
+    profile_step_with(model, level, Allocator::Uniform, x, y, seed)
+}
+
+/// Profiles one training step at `level` with the bits chosen by `allocator`: with the
+/// variance allocator the plan first estimates its sensitivities on the batch (as `fit` does
+/// before its first step), so the rows show the per-tensor bits a training run would use.
+pub fn profile_step_with(
+    model: &mut Model,
+    level: Level,
+    allocator: Allocator,
+    x: &Tensor,
+    y: &Tensor,
+    seed: u64,
+) -> Result<MemoryProfile> {
+    let cfg = CompressConfig {
+        level,
+        seed,
+        ..Default::default()
+    };
+    let (_, plan) = policy_for(cfg.clone(), allocator, model, x, y)?;
     let policy = || {
-        Box::new(CompressPolicy::new(CompressConfig {
-            level,
-            seed,
-            ..Default::default()
-        }))
+        Box::new(match &plan {
+            Some(p) => CompressPolicy::with_plan(cfg.clone(), p.boxed()),
+            None => CompressPolicy::new(cfg.clone()),
+        })
     };
     let mut opt = Optimizer::new(OptimizerConfig::Sgd {
         momentum: 0.9,
@@ -156,6 +179,11 @@ pub fn profile_step(
     };
     Ok(MemoryProfile {
         level: level.name(),
+        allocator: if plan.is_some() {
+            Allocator::Variance
+        } else {
+            Allocator::Uniform
+        },
         batch_size: x.dims()[0],
         rows,
         parameters,

@@ -5,7 +5,7 @@
 use super::checkpoint::{self, CheckpointMeta};
 use super::optim::{clip_grad_norm, grads_finite, Optimizer, OptimizerConfig};
 use super::schedule::{Schedule, ScheduleKind};
-use crate::allocate::plan::{Estimator, VariancePlan};
+use crate::allocate::plan::{Estimator, PlanState, VariancePlan};
 use crate::compress::policy::{CompressConfig, CompressPolicy, Level};
 use crate::data::{self, Batcher, Dataset, LoadOptions, Task};
 use crate::memory;
@@ -44,8 +44,8 @@ pub struct FitConfig {
     pub group_size: usize,
     pub min_compress_elements: usize,
     pub exclude_ops: Vec<String>,
-    /// Bits per saved tensor from the gradient-variance allocator (else every tensor gets the
-    /// same ladder rung).
+    /// Bits per saved tensor from the gradient-variance allocator (the default; else every
+    /// tensor gets the same ladder rung). Only below 8 average bits (L3, L4, `--bits`).
     pub variance_allocator: bool,
     /// Steps between re-allocations.
     pub reallocate_every: u64,
@@ -83,8 +83,8 @@ impl Default for FitConfig {
             group_size: crate::compress::DEFAULT_GROUP,
             min_compress_elements: 1024,
             exclude_ops: Vec::new(),
-            variance_allocator: false,
-            reallocate_every: 100,
+            variance_allocator: true,
+            reallocate_every: 200,
             out: None,
             resume: None,
         }
@@ -114,6 +114,9 @@ pub struct FitSummary {
     pub allocator_seconds: f64,
     /// Bits of each saved tensor (by save slot) under the variance allocator.
     pub bits_per_tensor: Option<Vec<u8>>,
+    /// Sensitivity estimates the allocator has made since the run began (a resumed run
+    /// continues the count from its checkpoint); 0 without it.
+    pub allocator_estimates: u64,
     /// Loss of every training step run in this invocation, in order (resume tests use it).
     #[serde(skip)]
     pub step_losses: Vec<(u64, f32)>,
@@ -223,6 +226,35 @@ fn compress_config(cfg: &FitConfig) -> CompressConfig {
 /// (L3, L4, `--bits`), where tensors compete for bits; L1/L2 are uniform by definition.
 fn uses_allocator(cfg: &FitConfig, graph: bool) -> bool {
     cfg.variance_allocator && cfg.level.avg_bits() < 8.0 && !graph
+}
+
+/// The allocator's state for a checkpoint's `extra` (`{"allocator": PlanState}`), so a resumed
+/// run is a bit-exact continuation; `null` without the allocator.
+fn allocator_extra(plan: Option<&VariancePlan>) -> Result<serde_json::Value> {
+    Ok(match plan {
+        Some(p) => serde_json::json!({ "allocator": p.export_state()? }),
+        None => serde_json::Value::Null,
+    })
+}
+
+/// Restores the allocator from a checkpoint's `extra`. A checkpoint written with the allocator
+/// must be resumed with it (and vice versa): the bits would differ from the original run.
+fn restore_allocator(plan: Option<&VariancePlan>, extra: &serde_json::Value) -> Result<()> {
+    let saved = extra.get("allocator").filter(|v| !v.is_null());
+    match (plan, saved) {
+        (Some(p), Some(v)) => {
+            let st: PlanState = serde_json::from_value(v.clone())
+                .context("reading the allocator state in state.json")?;
+            p.import_state(&st)
+        }
+        (None, None) => Ok(()),
+        (Some(_), None) => bail!(
+            "the checkpoint was written without the variance allocator; resume with --allocator uniform (as the original run)"
+        ),
+        (None, Some(_)) => bail!(
+            "the checkpoint was written with the variance allocator; resume with --allocator variance (as the original run)"
+        ),
+    }
 }
 
 fn metrics_line(file: &mut Option<std::fs::File>, v: serde_json::Value) -> Result<()> {
@@ -351,6 +383,8 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
     if let Some(dir) = &cfg.resume {
         meta = checkpoint::load(dir, &mut run.model.params, &mut opt)
             .with_context(|| format!("resuming from {}", dir.display()))?;
+        restore_allocator(plan.as_ref(), &meta.extra)
+            .with_context(|| format!("resuming from {}", dir.display()))?;
     }
     let mut metrics = match &cfg.out {
         Some(dir) => {
@@ -452,7 +486,7 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
                         batch_in_epoch,
                         optimizer_steps: opt.steps(),
                         best_metric: None,
-                        extra: serde_json::Value::Null,
+                        extra: allocator_extra(plan.as_ref())?,
                     };
                     checkpoint::save(dir, &run.model.params, &opt, &meta)?;
                 }
@@ -486,7 +520,7 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
                 batch_in_epoch: 0,
                 optimizer_steps: opt.steps(),
                 best_metric: Some(test_acc),
-                extra: serde_json::Value::Null,
+                extra: allocator_extra(plan.as_ref())?,
             };
             checkpoint::save(dir, &run.model.params, &opt, &meta)?;
         }
@@ -512,6 +546,7 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
         peak_bytes: memory::peak_bytes(),
         allocator_seconds,
         bits_per_tensor: plan.as_ref().map(|p| p.bits()),
+        allocator_estimates: plan.as_ref().map_or(0, |p| p.stats().estimates),
         step_losses,
     })
 }
