@@ -700,3 +700,54 @@ fn timing_against_candle() {
         a / b
     );
 }
+
+/// `linear_gelu`, and the pointwise backwards writing into an owned output gradient (the
+/// next op is a linear layer) while reading their context in row chunks (one row per chunk
+/// here): gradient-checked with the fused kernels and on the portable path.
+#[test]
+fn fused_linear_gelu_and_in_place_gradients() {
+    actrain::ops::set_context_chunk_bytes(Some(8));
+    run_both("activation, in place", || {
+        let mut cases = Vec::new();
+        let (x, w, b) = (rand(&[2, 3, 4], 1), rand(&[5, 4], 2), rand(&[5], 3));
+        let w2 = rand(&[3, 5], 4);
+        for approx in [GeluApprox::Tanh, GeluApprox::Erf] {
+            cases.push(Case::new(
+                "linear_gelu→linear",
+                vec![x.clone(), w.clone(), b.clone(), w2.clone()],
+                move |t, v| {
+                    let h = t.linear_gelu(&v[0], &v[1], Some(&v[2]), approx)?;
+                    t.linear(&h, &v[3], None)
+                },
+            ));
+            cases.push(Case::new(
+                "linear_gelu",
+                vec![x.clone(), w.clone(), b.clone()],
+                move |t, v| t.linear_gelu(&v[0], &v[1], Some(&v[2]), approx),
+            ));
+        }
+        type Act = fn(&mut Tape, &Value) -> anyhow::Result<Value>;
+        let acts: [(&'static str, Act); 7] = [
+            ("relu→linear", |t, x| t.relu(x)),
+            ("leaky_relu→linear", |t, x| t.leaky_relu(x, 0.2)),
+            ("gelu(tanh)→linear", |t, x| t.gelu(x, GeluApprox::Tanh)),
+            ("gelu(erf)→linear", |t, x| t.gelu(x, GeluApprox::Erf)),
+            ("silu→linear", |t, x| t.silu(x)),
+            ("sigmoid→linear", |t, x| t.sigmoid(x)),
+            ("tanh→linear", |t, x| t.tanh(x)),
+        ];
+        let input = away_from_zero(&(rand(&[3, 2, 4], 5) * 2.0).unwrap());
+        for (name, act) in acts {
+            cases.push(Case::new(
+                name,
+                vec![input.clone(), rand(&[4, 4], 6)],
+                move |t, v| {
+                    let h = act(t, &v[0])?;
+                    t.linear(&h, &v[1], None)
+                },
+            ));
+        }
+        cases
+    });
+    actrain::ops::set_context_chunk_bytes(None);
+}

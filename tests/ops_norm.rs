@@ -732,3 +732,66 @@ fn norm_f32_accuracy_against_f64() {
         "batch_norm",
     );
 }
+
+/// Batch norm's backward reading its saved input in row chunks (one sample per chunk here)
+/// and writing into an owned output gradient (the next op is a linear layer) or into a new
+/// tensor (after an add, whose gradient is shared): gradient-checked like the rest.
+#[test]
+fn batch_norm_chunked_and_in_place_gradients() {
+    actrain::ops::set_context_chunk_bytes(Some(8));
+    let mut cases = Vec::new();
+    for (i, d) in [vec![3, 2, 5], vec![4, 3, 2, 5], vec![5, 2]]
+        .into_iter()
+        .enumerate()
+    {
+        let (c, last) = (d[1], *d.last().unwrap());
+        let s = 70 + 10 * i as u64;
+        let inputs = vec![
+            rand(&d, s),
+            (rand(&[c], s + 1) + 1.5).unwrap(),
+            rand(&[c], s + 2),
+            rand(&[last, last], s + 3),
+        ];
+        for training in [true, false] {
+            let run = Rc::new(RefCell::new(BatchNormStats {
+                mean: rand(&[c], s + 4),
+                var: (rand(&[c], s + 5) + 1.2).unwrap(),
+            }));
+            let bn = move |t: &mut Tape, v: &[Value]| {
+                if !training {
+                    let rec = t.is_recording();
+                    t.eval_mode();
+                    t.set_recording(rec);
+                }
+                t.batch_norm(&v[0], &v[1], &v[2], &mut run.borrow_mut(), 0.1, 1e-5)
+            };
+            let bn2 = bn.clone();
+            cases.push(Case::new(
+                if training {
+                    "batch_norm(train)→linear, chunked"
+                } else {
+                    "batch_norm(eval)→linear, chunked"
+                },
+                inputs.clone(),
+                move |t, v| {
+                    let y = bn(t, v)?;
+                    t.linear(&y, &v[3], None)
+                },
+            ));
+            cases.push(Case::new(
+                if training {
+                    "batch_norm(train)→add, chunked"
+                } else {
+                    "batch_norm(eval)→add, chunked"
+                },
+                inputs[..3].to_vec(),
+                move |t, v| {
+                    let y = bn2(t, v)?;
+                    t.add(&y, &v[0])
+                },
+            ));
+        }
+    }
+    run_cases("norm, chunked", cases);
+    actrain::ops::set_context_chunk_bytes(None);
+}

@@ -512,17 +512,21 @@ impl Model {
         for i in 0..n {
             let out = {
                 let l = &self.layers[i];
-                let ins: Vec<&Value> = l
-                    .inputs
-                    .iter()
-                    .map(|&s| {
-                        slots[s]
-                            .as_ref()
-                            .ok_or_else(|| anyhow!("internal: slot {s} freed too early"))
-                    })
-                    .collect::<Result<_>>()?;
+                // An input whose last reader is this layer is moved in (its slot emptied), so
+                // the layer can free it as soon as its own last op on it has run; the others
+                // are shared with their slot.
+                let mut ins: Vec<Value> = Vec::with_capacity(l.inputs.len());
+                for (j, &s) in l.inputs.iter().enumerate() {
+                    let last = self.last_use[s] == i && s != n && !l.inputs[j + 1..].contains(&s);
+                    let v = if last {
+                        slots[s].take()
+                    } else {
+                        slots[s].clone()
+                    };
+                    ins.push(v.ok_or_else(|| anyhow!("internal: slot {s} freed too early"))?);
+                }
                 tape.set_scope(&l.name);
-                run_layer(tape, &mut self.params, l, &ins, graph)
+                run_layer(tape, &mut self.params, l, ins, graph)
                     .map_err(|e| e.context(format!("layer `{}` ({})", l.name, op_name(&l.op))))?
             };
             slots[i + 1] = Some(out);
@@ -537,6 +541,58 @@ impl Model {
             .take()
             .ok_or_else(|| anyhow!("internal: the model produced no output"))
     }
+}
+
+/// conv → batch norm (→ ReLU) on `x`, which is dropped (freed if this was its last holder)
+/// once the conv has read it, like each intermediate once the next op has read it.
+fn conv_bn(
+    tape: &mut Tape,
+    store: &mut ParamStore,
+    x: Value,
+    p: &[ParamId],
+    stride: usize,
+    padding: usize,
+    relu: bool,
+) -> Result<Value> {
+    let c = conv(tape, store, &x, p[0], stride, padding)?;
+    drop(x);
+    let b = batch_norm(tape, store, &c, &p[1..5], 0.1, 1e-5)?;
+    drop(c);
+    if relu {
+        tape.relu(&b)
+    } else {
+        Ok(b)
+    }
+}
+
+/// A basic (two 3x3 convs) or bottleneck (1x1, 3x3, 1x1) residual block with an identity or
+/// projection (1x1 conv + batch norm) shortcut, `relu(main(x) + shortcut(x))`. Parameter
+/// layout: each conv's weight followed by its 4 batch-norm entries, the shortcut's last.
+/// Besides the block input, at most one op's input and output are alive at any time.
+fn residual_block(
+    tape: &mut Tape,
+    store: &mut ParamStore,
+    x: Value,
+    p: &[ParamId],
+    stride: usize,
+    bottleneck: bool,
+) -> Result<Value> {
+    let (h, used) = if bottleneck {
+        let h = conv_bn(tape, store, x.clone(), &p[0..5], 1, 0, true)?;
+        let h = conv_bn(tape, store, h, &p[5..10], stride, 1, true)?;
+        (conv_bn(tape, store, h, &p[10..15], 1, 0, false)?, 15)
+    } else {
+        let h = conv_bn(tape, store, x.clone(), &p[0..5], stride, 1, true)?;
+        (conv_bn(tape, store, h, &p[5..10], 1, 1, false)?, 10)
+    };
+    let shortcut = if p.len() > used {
+        conv_bn(tape, store, x, &p[used..used + 5], stride, 0, false)?
+    } else {
+        x
+    };
+    let y = tape.add(&h, &shortcut)?;
+    drop((h, shortcut));
+    tape.relu(&y)
 }
 
 fn attention_params(b: &mut Builder, name: &str, d: usize) -> Result<Vec<ParamId>> {
@@ -643,14 +699,17 @@ fn mha(
     tape.multi_head_attention(x, &m)
 }
 
+/// Runs one layer. `ins` are owned: a layer frees each intermediate (and an input it was
+/// handed as the last reader) as soon as its last op on it has run, so a block never holds
+/// more than its live tensors — the tape keeps only contexts.
 fn run_layer(
     tape: &mut Tape,
     store: &mut ParamStore,
     l: &Layer,
-    ins: &[&Value],
+    ins: Vec<Value>,
     graph: Option<&Arc<CsrMatrix>>,
 ) -> Result<Value> {
-    let x = ins[0];
+    let x = &ins[0];
     let p = &l.params;
     let param =
         |tape: &mut Tape, store: &ParamStore, i: usize| p.get(i).map(|&id| tape.param(store, id));
@@ -706,13 +765,18 @@ fn run_layer(
         LayerOp::GlobalAvgPool => tape.global_avg_pool(x)?,
         LayerOp::Flatten => tape.flatten(x, 1)?,
         LayerOp::Add => {
-            let mut acc = tape.add(ins[0], ins[1])?;
-            for other in &ins[2..] {
+            let mut rest = ins.iter().skip(1);
+            let first = rest.next().ok_or_else(|| anyhow!("add needs two inputs"))?;
+            let mut acc = tape.add(x, first)?;
+            for other in rest {
                 acc = tape.add(&acc, other)?;
             }
             acc
         }
-        LayerOp::Concat { dim } => tape.concat(ins, dim + 1)?,
+        LayerOp::Concat { dim } => {
+            let refs: Vec<&Value> = ins.iter().collect();
+            tape.concat(&refs, dim + 1)?
+        }
         LayerOp::Embedding { .. } => {
             let table = param(tape, store, 0).expect("table");
             tape.embedding(x.tensor(), &table)?
@@ -736,49 +800,35 @@ fn run_layer(
             dropout,
             ..
         } => {
+            let x = ins.into_iter().next().expect("one input");
             let (g1, b1) = (param(tape, store, 0), param(tape, store, 1));
-            let h = tape.layer_norm(x, g1.as_ref(), b1.as_ref(), 1e-5)?;
-            let h = mha(tape, store, &h, &p[2..10], *heads, *causal)?;
-            let h = tape.dropout(&h, *dropout)?;
-            let x = tape.add(x, &h)?;
+            let n1 = tape.layer_norm(&x, g1.as_ref(), b1.as_ref(), 1e-5)?;
+            let a = mha(tape, store, &n1, &p[2..10], *heads, *causal)?;
+            drop(n1);
+            let a = tape.dropout(&a, *dropout)?;
+            let x1 = tape.add(&x, &a)?;
+            drop((x, a));
             let (g2, b2) = (param(tape, store, 10), param(tape, store, 11));
-            let h = tape.layer_norm(&x, g2.as_ref(), b2.as_ref(), 1e-5)?;
+            let n2 = tape.layer_norm(&x1, g2.as_ref(), b2.as_ref(), 1e-5)?;
             let (w1, c1) = (param(tape, store, 12).expect("fc1"), param(tape, store, 13));
-            let h = tape.linear(&h, &w1, c1.as_ref())?;
-            let h = tape.gelu(&h, crate::ops::activation::GeluApprox::Tanh)?;
+            let h2 = tape.linear_gelu(
+                &n2,
+                &w1,
+                c1.as_ref(),
+                crate::ops::activation::GeluApprox::Tanh,
+            )?;
+            drop(n2);
             let (w2, c2) = (param(tape, store, 14).expect("fc2"), param(tape, store, 15));
-            let h = tape.linear(&h, &w2, c2.as_ref())?;
-            let h = tape.dropout(&h, *dropout)?;
-            tape.add(&x, &h)?
+            let h3 = tape.linear(&h2, &w2, c2.as_ref())?;
+            drop(h2);
+            let h3 = tape.dropout(&h3, *dropout)?;
+            tape.add(&x1, &h3)?
         }
         LayerOp::ResidualBlock {
             stride, bottleneck, ..
         } => {
-            // Parameter layout: convN weight followed by its 4 batch-norm entries.
-            let (h, used) = if *bottleneck {
-                let h = conv(tape, store, x, p[0], 1, 0)?;
-                let h = batch_norm(tape, store, &h, &p[1..5], 0.1, 1e-5)?;
-                let h = tape.relu(&h)?;
-                let h = conv(tape, store, &h, p[5], *stride, 1)?;
-                let h = batch_norm(tape, store, &h, &p[6..10], 0.1, 1e-5)?;
-                let h = tape.relu(&h)?;
-                let h = conv(tape, store, &h, p[10], 1, 0)?;
-                (batch_norm(tape, store, &h, &p[11..15], 0.1, 1e-5)?, 15)
-            } else {
-                let h = conv(tape, store, x, p[0], *stride, 1)?;
-                let h = batch_norm(tape, store, &h, &p[1..5], 0.1, 1e-5)?;
-                let h = tape.relu(&h)?;
-                let h = conv(tape, store, &h, p[5], 1, 1)?;
-                (batch_norm(tape, store, &h, &p[6..10], 0.1, 1e-5)?, 10)
-            };
-            let shortcut = if p.len() > used {
-                let s = conv(tape, store, x, p[used], *stride, 0)?;
-                batch_norm(tape, store, &s, &p[used + 1..used + 5], 0.1, 1e-5)?
-            } else {
-                x.clone()
-            };
-            let y = tape.add(&h, &shortcut)?;
-            tape.relu(&y)?
+            let x = ins.into_iter().next().expect("one input");
+            residual_block(tape, store, x, p, *stride, *bottleneck)?
         }
         LayerOp::Gcn { .. } => {
             let a =

@@ -2,15 +2,23 @@
 //!
 //! Forward runs candle's unary ops (GELU and SiLU: the same formulas in a multi-threaded CPU
 //! loop, [`cpu_map`]). Backward runs one fused, multi-threaded pass on the CPU (`g * f'(x)` in
-//! a single loop, see [`cpu_zip`]) where the tensors are contiguous f32/f64, and the
-//! equivalent chain of candle ops elsewhere (CUDA, other dtypes, strided layouts).
+//! a single loop) where the tensors are contiguous f32/f64, and the equivalent chain of
+//! candle ops elsewhere (CUDA, other dtypes, strided layouts). On the CPU the backward writes
+//! into the output gradient itself when the tape hands it over as owned, reading the saved
+//! context in row chunks ([`chunked_zip`]); ReLU multiplies the gradient into its freshly
+//! unpacked mask ([`mask_grad`]). [`Tape::linear_gelu`] computes an MLP's GELU into the
+//! linear layer's output buffer.
 //!
 //! This file also holds the small CPU-kernel toolkit the other ops of this family (dropout,
-//! softmax, cross-entropy) share: [`Real`], [`CpuView`], [`cpu_map`], [`cpu_zip`], [`cpu_rows`].
+//! softmax, cross-entropy) share: [`Real`], [`CpuView`], [`cpu_map`], [`cpu_zip`], [`cpu_rows`],
+//! and the in-place helpers ([`zip_in_place`], [`map_in_place`], [`add_bias_rows`]).
 
-use crate::tape::{SaveAs, Tape, Value};
+use crate::tape::{Grad, SaveAs, Saved, Tape, Value};
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Layout, Storage, StorageRef, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, DType, Device, InplaceOp1, InplaceOp2, Layout, Storage, StorageRef, Tensor,
+    WithDType,
+};
 use rayon::prelude::*;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
 
@@ -32,8 +40,9 @@ impl Tape {
             return Ok(self.constant(y));
         }
         let m = self.save("relu", x, SaveAs::SignMask)?;
-        self.record("relu", &[x], y, move |g, _| {
-            Ok(vec![Some(g.mul(&m.load()?)?)])
+        self.record_grad("relu", &[x], y, move |g, _| {
+            let gx = mask_grad(m.load_owned()?, g.tensor(), 1.0, 0.0)?;
+            Ok(vec![Some(Grad::owned(gx))])
         })
     }
 
@@ -59,9 +68,9 @@ impl Tape {
             return Ok(self.constant(y));
         }
         let m = self.save("leaky_relu", x, SaveAs::SignMask)?;
-        self.record("leaky_relu", &[x], y, move |g, _| {
-            let d = m.load()?.affine(1.0 - slope, slope)?;
-            Ok(vec![Some(g.mul(&d)?)])
+        self.record_grad("leaky_relu", &[x], y, move |g, _| {
+            let gx = mask_grad(m.load_owned()?, g.tensor(), 1.0 - slope, slope)?;
+            Ok(vec![Some(Grad::owned(gx))])
         })
     }
 
@@ -70,34 +79,53 @@ impl Tape {
     /// policy quantizes `x` with stochastic rounding the gradient is only approximately
     /// unbiased (the bias is second order in the rounding step: `½ gelu'''(x) Var[x̂]`).
     pub fn gelu(&mut self, x: &Value, approx: GeluApprox) -> Result<Value> {
-        let t = x.tensor();
-        let y = match approx {
-            GeluApprox::Tanh => match cpu_map(t, &GeluTanh)? {
-                Some(y) => y,
-                None => t.gelu()?,
-            },
-            GeluApprox::Erf => match cpu_map(t, &GeluErf)? {
-                Some(y) => y,
-                None => t.gelu_erf()?,
-            },
-        };
+        let y = gelu_forward(x.tensor(), approx)?;
         if !self.needs_grad(&[x]) {
             return Ok(self.constant(y));
         }
         let cx = self.save("gelu", x, SaveAs::Activation)?;
-        self.record("gelu", &[x], y, move |g, _| {
-            let x = cx.load()?;
-            let gx = match approx {
-                GeluApprox::Tanh => match cpu_zip(&x, &g, &GeluTanhGrad)? {
-                    Some(t) => t,
-                    None => g.mul(&gelu_tanh_derivative(&x)?)?,
-                },
-                GeluApprox::Erf => match cpu_zip(&x, &g, &GeluErfGrad)? {
-                    Some(t) => t,
-                    None => g.mul(&gelu_erf_derivative(&x)?)?,
-                },
+        self.record_grad("gelu", &[x], y, move |g, _| {
+            Ok(vec![Some(gelu_backward(&cx, g, approx)?)])
+        })
+    }
+
+    /// `gelu(linear(x, w, b))`, for an MLP's first layer: the same two nodes and contexts as
+    /// [`Tape::linear`] then [`Tape::gelu`], but the pre-activation exists only inside this
+    /// call, so where the policy compressed its context (nothing else holds it) GELU is
+    /// computed into its buffer in place — one hidden-sized tensor at the MLP's widest point
+    /// instead of two. With the context kept as it is (L0) the output is a new tensor.
+    pub fn linear_gelu(
+        &mut self,
+        x: &Value,
+        w: &Value,
+        b: Option<&Value>,
+        approx: GeluApprox,
+    ) -> Result<Value> {
+        let h = self.linear(x, w, b)?;
+        // `h` is a fresh tensor that only this binding holds (`linear` keeps no handle on
+        // its output): once its context is saved it is ours to overwrite.
+        let cx = if self.needs_grad(&[&h]) {
+            Some(self.save("gelu", &h, SaveAs::Activation)?)
+        } else {
+            None
+        };
+        let free = cx.as_ref().is_none_or(|c| !c.stored_as_is());
+        let in_place = free
+            && match approx {
+                GeluApprox::Tanh => map_in_place(h.tensor(), &GeluTanh)?,
+                GeluApprox::Erf => map_in_place(h.tensor(), &GeluErf)?,
             };
-            Ok(vec![Some(gx)])
+        let y = if in_place {
+            h.tensor().clone()
+        } else {
+            gelu_forward(h.tensor(), approx)?
+        };
+        let Some(cx) = cx else {
+            return Ok(self.constant(y));
+        };
+        let out = self.output(y);
+        self.record_output_grad("gelu", &[&h], out, move |g, _| {
+            Ok(vec![Some(gelu_backward(&cx, g, approx)?)])
         })
     }
 
@@ -113,17 +141,13 @@ impl Tape {
             return Ok(self.constant(y));
         }
         let cx = self.save("silu", x, SaveAs::Activation)?;
-        self.record("silu", &[x], y, move |g, _| {
-            let x = cx.load()?;
-            let gx = match cpu_zip(&x, &g, &SiluGrad)? {
-                Some(t) => t,
-                None => {
-                    let s = candle_nn::ops::sigmoid(&x)?;
-                    let xs = (&x * &s)?;
-                    let d = (&s * ((&x - &xs)? + 1.0)?)?;
-                    g.mul(&d)?
-                }
-            };
+        self.record_grad("silu", &[x], y, move |g, _| {
+            let gx = pointwise_backward(&cx, g, &SiluGrad, |x, g| {
+                let s = candle_nn::ops::sigmoid(x)?;
+                let xs = (x * &s)?;
+                let d = (&s * ((x - &xs)? + 1.0)?)?;
+                Ok(g.mul(&d)?)
+            })?;
             Ok(vec![Some(gx)])
         })
     }
@@ -138,12 +162,10 @@ impl Tape {
         }
         let out = self.output(y);
         let cy = self.save("sigmoid", &out, SaveAs::Activation)?;
-        self.record_output("sigmoid", &[x], out, move |g, _| {
-            let y = cy.load()?;
-            let gx = match cpu_zip(&y, &g, &SigmoidGrad)? {
-                Some(t) => t,
-                None => g.mul(&y.affine(-1.0, 1.0)?.mul(&y)?)?,
-            };
+        self.record_output_grad("sigmoid", &[x], out, move |g, _| {
+            let gx = pointwise_backward(&cy, g, &SigmoidGrad, |y, g| {
+                Ok(g.mul(&y.affine(-1.0, 1.0)?.mul(y)?)?)
+            })?;
             Ok(vec![Some(gx)])
         })
     }
@@ -157,15 +179,203 @@ impl Tape {
         }
         let out = self.output(y);
         let cy = self.save("tanh", &out, SaveAs::Activation)?;
-        self.record_output("tanh", &[x], out, move |g, _| {
-            let y = cy.load()?;
-            let gx = match cpu_zip(&y, &g, &TanhGrad)? {
-                Some(t) => t,
-                None => g.mul(&y.sqr()?.affine(-1.0, 1.0)?)?,
-            };
+        self.record_output_grad("tanh", &[x], out, move |g, _| {
+            let gx = pointwise_backward(&cy, g, &TanhGrad, |y, g| {
+                Ok(g.mul(&y.sqr()?.affine(-1.0, 1.0)?)?)
+            })?;
             Ok(vec![Some(gx)])
         })
     }
+}
+
+/// GELU of `t` into a new tensor (the fused CPU loop, or candle's op elsewhere).
+fn gelu_forward(t: &Tensor, approx: GeluApprox) -> Result<Tensor> {
+    Ok(match approx {
+        GeluApprox::Tanh => match cpu_map(t, &GeluTanh)? {
+            Some(y) => y,
+            None => t.gelu()?,
+        },
+        GeluApprox::Erf => match cpu_map(t, &GeluErf)? {
+            Some(y) => y,
+            None => t.gelu_erf()?,
+        },
+    })
+}
+
+/// `g * gelu'(x)` with `x` the saved input.
+fn gelu_backward(cx: &Saved, g: Grad, approx: GeluApprox) -> Result<Grad> {
+    match approx {
+        GeluApprox::Tanh => pointwise_backward(cx, g, &GeluTanhGrad, |x, g| {
+            Ok(g.mul(&gelu_tanh_derivative(x)?)?)
+        }),
+        GeluApprox::Erf => pointwise_backward(cx, g, &GeluErfGrad, |x, g| {
+            Ok(g.mul(&gelu_erf_derivative(x)?)?)
+        }),
+    }
+}
+
+/// `g * (mask * mul + add)` for a 0/1 `mask` the caller owns (from [`Saved::load_owned`]):
+/// ReLU is `(1, 0)`, LeakyReLU `(1 - slope, slope)`. On the CPU the product is written into
+/// the mask's own buffer in one pass, so backward holds the output gradient and one more
+/// tensor, not three; elsewhere it runs as candle ops (the same arithmetic, bit for bit).
+pub(crate) fn mask_grad(mask: Tensor, g: &Tensor, mul: f64, add: f64) -> Result<Tensor> {
+    let fused = fused_cpu_kernels()
+        && mask.device().is_cpu()
+        && g.device().is_cpu()
+        && mask.shape() == g.shape()
+        && mask.dtype() == g.dtype()
+        && matches!(g.dtype(), DType::F32 | DType::F64)
+        && mask.is_contiguous()
+        && g.is_contiguous();
+    if fused {
+        mask.inplace_op2(g, &ZipInPlace(&MaskScale { mul, add }))?;
+        return Ok(mask);
+    }
+    let d = if (mul, add) == (1.0, 0.0) {
+        mask
+    } else {
+        mask.affine(mul, add)?
+    };
+    Ok(g.mul(&d)?)
+}
+
+/// `g * (m * mul + add)` for a 0/1 mask `m`.
+struct MaskScale {
+    mul: f64,
+    add: f64,
+}
+
+impl Pointwise for MaskScale {
+    #[inline(always)]
+    fn apply<T: Real>(&self, m: T, g: T) -> T {
+        g * (m * T::c(self.mul) + T::c(self.add))
+    }
+}
+
+/// `gx = op(ctx, g)` elementwise, `ctx` the saved tensor (the input, or for sigmoid/tanh
+/// the output): the backward of a pointwise activation. On the CPU ([`chunked_zip`]) it is
+/// written into `g` itself when `g` is owned, else into one new buffer, reading the context
+/// in row chunks either way; elsewhere `fallback(ctx, g)` runs as candle ops.
+fn pointwise_backward<P: Pointwise>(
+    saved: &Saved,
+    g: Grad,
+    op: &P,
+    fallback: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Grad> {
+    match chunked_zip(saved, &g, op)? {
+        Some(ZipOut::InPlace) => return Ok(Grad::owned(g.into_tensor())),
+        Some(ZipOut::New(t)) => return Ok(Grad::owned(t)),
+        None => {}
+    }
+    let g = g.into_tensor();
+    let ctx = saved.load()?;
+    Ok(Grad::owned(match cpu_zip(&ctx, &g, op)? {
+        Some(t) => t,
+        None => fallback(&ctx, &g)?,
+    }))
+}
+
+/// Where [`chunked_zip`] put its result.
+pub(crate) enum ZipOut {
+    /// Into the (owned) gradient's own buffer.
+    InPlace,
+    /// Into this new tensor.
+    New(Tensor),
+}
+
+/// `op(b, a)`: the arguments of `P` swapped.
+struct Swap<'a, P: Pointwise>(&'a P);
+
+impl<P: Pointwise> Pointwise for Swap<'_, P> {
+    #[inline(always)]
+    fn apply<T: Real>(&self, a: T, b: T) -> T {
+        self.0.apply(b, a)
+    }
+}
+
+/// `out[i] = op(ctx[i], g[i])` on the CPU, with the saved context read in row chunks
+/// ([`Saved::load_rows`]) where a chunk unpacks only its rows: written into `g`'s own buffer
+/// when `g` is owned (backward then holds `g` and one chunk), else into one new buffer (`g`,
+/// its input gradient and one chunk — not the whole unpacked context besides). Contiguous
+/// f32/f64 only; `Ok(None)`, with `g` untouched, where it does not apply.
+pub(crate) fn chunked_zip(saved: &Saved, g: &Grad, op: &impl Pointwise) -> Result<Option<ZipOut>> {
+    let gt = g.tensor();
+    let applies = fused_cpu_kernels()
+        && saved.shape() == gt.shape()
+        && gt.rank() > 0
+        && gt.device().is_cpu()
+        && gt.is_contiguous()
+        && (g.is_owned() || saved.loads_rows_cheaply());
+    if !applies {
+        return Ok(None);
+    }
+    match gt.dtype() {
+        DType::F32 => chunked_zip_typed::<f32>(saved, g, op),
+        DType::F64 => chunked_zip_typed::<f64>(saved, g, op),
+        _ => Ok(None),
+    }
+}
+
+fn chunked_zip_typed<T: Real>(
+    saved: &Saved,
+    g: &Grad,
+    op: &impl Pointwise,
+) -> Result<Option<ZipOut>> {
+    let gt = g.tensor();
+    let rows = saved.rows();
+    let n = gt.elem_count();
+    if rows == 0 || !n.is_multiple_of(rows) {
+        return Ok(None);
+    }
+    let row_len = n / rows;
+    let chunk = if saved.loads_rows_cheaply() {
+        super::chunk_rows_for(rows, row_len * std::mem::size_of::<T>())
+    } else {
+        rows
+    };
+    let load = |first: usize, count: usize| -> Result<Tensor> {
+        if count == rows {
+            saved.load()
+        } else {
+            saved.load_rows(first, count)
+        }
+    };
+    if g.is_owned() {
+        let mut first = 0;
+        while first < rows {
+            let count = chunk.min(rows - first);
+            let ctx = load(first, count)?.contiguous()?;
+            gt.narrow(0, first, count)?
+                .inplace_op2(&ctx, &ZipInPlace(&Swap(op)))?;
+            first += count;
+        }
+        return Ok(Some(ZipOut::InPlace));
+    }
+    let Some(vg) = CpuView::of(gt) else {
+        return Ok(None);
+    };
+    let gs = vg.slice::<T>()?;
+    let mut out = vec![T::c(0.0); n];
+    let mut first = 0;
+    while first < rows {
+        let count = chunk.min(rows - first);
+        let ctx = load(first, count)?;
+        let Some(vc) = CpuView::of(&ctx) else {
+            return Ok(None);
+        };
+        let (lo, hi) = (first * row_len, (first + count) * row_len);
+        out[lo..hi]
+            .par_iter_mut()
+            .zip(vc.slice::<T>()?.par_iter().zip(gs[lo..hi].par_iter()))
+            .with_min_len(PAR_CHUNK)
+            .for_each(|(o, (&x, &gv))| *o = op.apply(x, gv));
+        first += count;
+    }
+    Ok(Some(ZipOut::New(Tensor::from_vec(
+        out,
+        gt.shape(),
+        &Device::Cpu,
+    )?)))
 }
 
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
@@ -432,6 +642,152 @@ fn cpu_zip_typed<T: Real>(a: &Tensor, b: &Tensor, op: &impl Pointwise) -> Result
     Ok(Some(Tensor::from_vec(out, a.shape(), &Device::Cpu)?))
 }
 
+/// `dst[i] = op(dst[i], src[i])` in place, for [`Tensor::inplace_op2`] on contiguous CPU
+/// f32/f64 tensors of one length. Only for a `dst` the caller owns (a tensor it just created
+/// or unpacked): nothing else may see its storage change.
+pub(crate) struct ZipInPlace<'a, P: Pointwise>(pub(crate) &'a P);
+
+impl<P: Pointwise> ZipInPlace<'_, P> {
+    fn run<T: Real>(&self, dst: &mut [T], src: &[T]) {
+        dst.par_chunks_mut(PAR_CHUNK)
+            .zip(src.par_chunks(PAR_CHUNK))
+            .for_each(|(d, s)| {
+                for (d, &v) in d.iter_mut().zip(s) {
+                    *d = self.0.apply(*d, v);
+                }
+            });
+    }
+}
+
+impl<P: Pointwise> InplaceOp2 for ZipInPlace<'_, P> {
+    fn name(&self) -> &'static str {
+        "zip_in_place"
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        src: &CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<()> {
+        let (Some((d0, d1)), Some((s0, s1))) = (dl.contiguous_offsets(), sl.contiguous_offsets())
+        else {
+            candle_core::bail!("zip_in_place: both operands must be contiguous");
+        };
+        if d1 - d0 != s1 - s0 {
+            candle_core::bail!("zip_in_place: {} vs {} elements", d1 - d0, s1 - s0);
+        }
+        match (dst, src) {
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => self.run(&mut d[d0..d1], &s[s0..s1]),
+            (CpuStorage::F64(d), CpuStorage::F64(s)) => self.run(&mut d[d0..d1], &s[s0..s1]),
+            _ => candle_core::bail!("zip_in_place: needs two f32 or two f64 tensors"),
+        }
+        Ok(())
+    }
+}
+
+/// `a[i] = op(a[i], b[i])` written into `a`'s buffer when both are contiguous CPU f32/f64
+/// tensors of one shape (returns true); false, and nothing changed, otherwise. `a` must be
+/// the caller's own tensor (see [`ZipInPlace`]).
+pub(crate) fn zip_in_place(a: &Tensor, b: &Tensor, op: &impl Pointwise) -> Result<bool> {
+    let ok = fused_cpu_kernels()
+        && a.device().is_cpu()
+        && b.device().is_cpu()
+        && a.shape() == b.shape()
+        && a.dtype() == b.dtype()
+        && matches!(a.dtype(), DType::F32 | DType::F64)
+        && a.is_contiguous()
+        && b.is_contiguous();
+    if ok {
+        a.inplace_op2(b, &ZipInPlace(op))?;
+    }
+    Ok(ok)
+}
+
+/// `a + b`.
+struct Sum;
+
+impl Pointwise for Sum {
+    #[inline(always)]
+    fn apply<T: Real>(&self, a: T, b: T) -> T {
+        a + b
+    }
+}
+
+/// `a += b` into `a`'s own buffer (see [`zip_in_place`]; `a` must be the caller's alone).
+/// Returns false, with nothing changed, where the CPU kernel does not apply.
+pub(crate) fn add_in_place(a: &Tensor, b: &Tensor) -> Result<bool> {
+    zip_in_place(a, b, &Sum)
+}
+
+/// `dst[r, j] += bias[j]` over the rows of a contiguous CPU f32/f64 matrix, in place.
+pub(crate) struct AddRowsInPlace;
+
+impl AddRowsInPlace {
+    fn run<T: Real>(dst: &mut [T], bias: &[T]) {
+        let cols = bias.len().max(1);
+        let rows_per_task = (PAR_CHUNK / cols).max(1);
+        dst.par_chunks_mut(rows_per_task * cols).for_each(|d| {
+            for row in d.chunks_mut(cols) {
+                for (d, &b) in row.iter_mut().zip(bias) {
+                    *d += b;
+                }
+            }
+        });
+    }
+}
+
+impl InplaceOp2 for AddRowsInPlace {
+    fn name(&self) -> &'static str {
+        "add_rows_in_place"
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        src: &CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<()> {
+        let (Some((d0, d1)), Some((s0, s1))) = (dl.contiguous_offsets(), sl.contiguous_offsets())
+        else {
+            candle_core::bail!("add_rows_in_place: both operands must be contiguous");
+        };
+        let cols = s1 - s0;
+        if cols == 0 || (d1 - d0) % cols != 0 {
+            candle_core::bail!(
+                "add_rows_in_place: {} elements are not rows of {cols}",
+                d1 - d0
+            );
+        }
+        match (dst, src) {
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => Self::run(&mut d[d0..d1], &s[s0..s1]),
+            (CpuStorage::F64(d), CpuStorage::F64(s)) => Self::run(&mut d[d0..d1], &s[s0..s1]),
+            _ => candle_core::bail!("add_rows_in_place: needs two f32 or two f64 tensors"),
+        }
+        Ok(())
+    }
+}
+
+/// `y + bias` broadcast over the rows of `y: [.., D]` (`bias: [D]`). On the CPU the bias is
+/// added into `y`'s own buffer, so `y` must be the caller's own fresh tensor (a matmul
+/// result); elsewhere a new tensor.
+pub(crate) fn add_bias_rows(y: Tensor, bias: &Tensor) -> Result<Tensor> {
+    let fused = fused_cpu_kernels()
+        && y.device().is_cpu()
+        && bias.device().is_cpu()
+        && y.dtype() == bias.dtype()
+        && matches!(y.dtype(), DType::F32 | DType::F64)
+        && bias.rank() == 1
+        && y.dims().last() == Some(&bias.elem_count())
+        && y.is_contiguous()
+        && bias.is_contiguous();
+    if fused {
+        y.inplace_op2(bias, &AddRowsInPlace)?;
+        return Ok(y);
+    }
+    Ok(y.broadcast_add(bias)?)
+}
+
 /// An elementwise unary function for [`cpu_map`], generic over the float type.
 pub(crate) trait Unary: Sync {
     fn apply<T: Real>(&self, a: T) -> T;
@@ -458,6 +814,50 @@ fn cpu_map_typed<T: Real>(a: &Tensor, op: &impl Unary) -> Result<Option<Tensor>>
         .map(|&x| op.apply(x))
         .collect();
     Ok(Some(Tensor::from_vec(out, a.shape(), &Device::Cpu)?))
+}
+
+/// `t[i] = op(t[i])` in place, for [`Tensor::inplace_op1`] on contiguous CPU f32/f64 storage.
+struct MapInPlace<'a, U: Unary>(&'a U);
+
+impl<U: Unary> MapInPlace<'_, U> {
+    fn run<T: Real>(&self, d: &mut [T]) {
+        d.par_chunks_mut(PAR_CHUNK).for_each(|d| {
+            for v in d.iter_mut() {
+                *v = self.0.apply(*v);
+            }
+        });
+    }
+}
+
+impl<U: Unary> InplaceOp1 for MapInPlace<'_, U> {
+    fn name(&self) -> &'static str {
+        "map_in_place"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("map_in_place: the tensor must be contiguous");
+        };
+        match s {
+            CpuStorage::F32(v) => self.run(&mut v[a..b]),
+            CpuStorage::F64(v) => self.run(&mut v[a..b]),
+            _ => candle_core::bail!("map_in_place: needs f32 or f64"),
+        }
+        Ok(())
+    }
+}
+
+/// `t[i] = op(t[i])` written into `t`'s own buffer when it is a contiguous CPU f32/f64
+/// tensor (returns true); false, with nothing changed, otherwise. `t` must be the caller's
+/// alone: nothing else may see its storage change.
+pub(crate) fn map_in_place(t: &Tensor, op: &impl Unary) -> Result<bool> {
+    let ok = fused_cpu_kernels()
+        && t.device().is_cpu()
+        && matches!(t.dtype(), DType::F32 | DType::F64)
+        && t.is_contiguous();
+    if ok {
+        t.inplace_op1(&MapInPlace(op))?;
+    }
+    Ok(ok)
 }
 
 /// A function of whole rows for [`cpu_rows`]: `out` and every input row have `cols` elements.

@@ -6,7 +6,7 @@
 //! scale, causal mask and softmax run as one rayon kernel over rows, and so does the softmax
 //! backward; elsewhere (CUDA, half types) the same maths runs as candle ops.
 
-use crate::tape::{SaveAs, Tape, Value};
+use crate::tape::{Grad, SaveAs, Tape, Value};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Storage, Tensor, WithDType, D};
 use rayon::prelude::*;
@@ -75,8 +75,8 @@ impl Tape {
             tk,
         };
         let scores = q.tensor().matmul(&k.tensor().t()?)?;
-        let p = mask.softmax(&scores)?;
-        drop(scores);
+        // The scores are a fresh matmul result: on the CPU the softmax overwrites them.
+        let p = mask.softmax_owned(scores)?;
         let y = p.matmul(v.tensor())?;
         if !self.needs_grad(&[q, k, v]) {
             return Ok(self.constant(y));
@@ -99,25 +99,34 @@ impl Tape {
         };
         let cp = self.save_derived(OP, &p, SaveAs::Activation)?;
         drop(p);
-        self.record(OP, &[q, k, v], y, move |g, needs| {
-            let p = cp.load()?;
-            let gv = if needs[2] {
-                Some(p.t()?.matmul(&g)?)
+        self.record_grad(OP, &[q, k, v], y, move |g, needs| {
+            let g = g.into_tensor();
+            // dP = dO Vᵀ first, so that V is gone before P is unpacked: at most P, dP and
+            // the small gradients are alive together.
+            let dp = if needs[0] || needs[1] {
+                let v = cv
+                    .as_ref()
+                    .expect("v is saved when q or k needs a gradient")
+                    .load()?;
+                Some(g.matmul(&v.t()?)?)
             } else {
                 None
             };
-            if !(needs[0] || needs[1]) {
+            let p = cp.load()?;
+            // Every gradient below is a matmul result: a new tensor, owned.
+            let gv = if needs[2] {
+                Some(Grad::owned(p.t()?.matmul(&g)?))
+            } else {
+                None
+            };
+            drop(g);
+            let Some(dp) = dp else {
                 return Ok(vec![None, None, gv]);
-            }
-            let v = cv
-                .as_ref()
-                .expect("v is saved when q or k needs a gradient")
-                .load()?;
-            let dp = g.matmul(&v.t()?)?;
-            drop(v);
-            // dS already carries the 1/sqrt(Dh) factor.
-            let ds = mask.softmax_backward(&p, &dp)?;
-            drop((p, dp));
+            };
+            // dS already carries the 1/sqrt(Dh) factor; on the CPU it overwrites dP (a fresh
+            // matmul result) instead of taking a third score-sized buffer beside P and dP.
+            let ds = mask.softmax_backward_owned(&p, dp)?;
+            drop(p);
             let gq = match (&ck, needs[0]) {
                 (Some(ck), true) => Some(ds.matmul(&ck.load()?)?),
                 _ => None,
@@ -126,7 +135,7 @@ impl Tape {
                 (Some(cq), true) => Some(ds.t()?.matmul(&cq.load()?)?),
                 _ => None,
             };
-            Ok(vec![gq, gk, gv])
+            Ok(vec![gq.map(Grad::owned), gk.map(Grad::owned), gv])
         })
     }
 
@@ -177,9 +186,10 @@ impl Tape {
         let v = split(self, m.wv, m.bv)?;
         let o = self.scaled_dot_product_attention(&q, &k, &v, m.causal)?;
         drop((q, k, v));
-        let o = self.transpose(&o, 1, 2)?;
-        let o = self.reshape(&o, &[b, t, d])?;
-        self.linear(&o, m.wo, m.bo)
+        let merged = self.transpose(&o, 1, 2)?;
+        drop(o);
+        let merged = self.reshape(&merged, &[b, t, d])?;
+        self.linear(&merged, m.wo, m.bo)
     }
 }
 
@@ -262,34 +272,85 @@ impl Mask {
         }
     }
 
+    /// [`Mask::softmax_backward`] for a `dp` the caller owns: on the CPU `dS` is written into
+    /// `dp`'s own buffer (row by row, each row's dot product read before it is overwritten).
+    fn softmax_backward_owned(&self, p: &Tensor, dp: Tensor) -> Result<Tensor> {
+        let fused = match (cpu_kernel_dtype(p), cpu_kernel_dtype(&dp)) {
+            (Some(a), Some(b)) => {
+                a == b && p.is_contiguous() && dp.is_contiguous() && p.shape() == dp.shape()
+            }
+            _ => false,
+        };
+        if !fused {
+            return self.softmax_backward(p, &dp);
+        }
+        dp.inplace_op2(p, &SoftmaxBackwardInPlace(*self))?;
+        Ok(dp)
+    }
+
+    /// One row of the softmax backward: `dp[..n] = scale p (dp - Σ p dp)` over the `n`
+    /// visible keys, 0 beyond.
+    #[inline]
+    fn softmax_backward_row<T: Real>(&self, n: usize, p: &[T], dp: &mut [T]) {
+        let scale = T::from_f64(self.scale);
+        let dot = p[..n]
+            .iter()
+            .zip(&dp[..n])
+            .fold(T::from_f64(0.0), |a, (&p, &d)| a + p * d);
+        for (d, &p) in dp[..n].iter_mut().zip(&p[..n]) {
+            *d = scale * p * (*d - dot);
+        }
+        for d in &mut dp[n..] {
+            *d = T::from_f64(0.0);
+        }
+    }
+
+    /// [`Mask::softmax`] of scores the caller owns: on the CPU the probabilities are written
+    /// into the scores' own buffer.
+    fn softmax_owned(&self, scores: Tensor) -> Result<Tensor> {
+        if cpu_kernel_dtype(&scores).is_some() && scores.is_contiguous() {
+            scores.inplace_op1(&SoftmaxInPlace(*self))?;
+            return Ok(scores);
+        }
+        self.softmax(&scores)
+    }
+
+    /// One row of the masked softmax: `o[..n] = softmax(s[..n] * scale)` over the `n` visible
+    /// keys (read from `s`, which may be `o` itself), 0 beyond.
+    #[inline]
+    fn softmax_row<T: Real>(&self, n: usize, o: &mut [T]) {
+        let scale = T::from_f64(self.scale);
+        let max = o[..n].iter().copied().fold(T::neg_inf(), T::max);
+        let mut sum = T::from_f64(0.0);
+        for o in o[..n].iter_mut() {
+            let e = ((*o - max) * scale).exp();
+            *o = e;
+            sum += e;
+        }
+        let inv = T::from_f64(1.0) / sum;
+        for o in o[..n].iter_mut() {
+            *o *= inv;
+        }
+        for o in &mut o[n..] {
+            *o = T::from_f64(0.0);
+        }
+    }
+
     fn softmax_cpu<T: Real>(&self, scores: &Tensor) -> Result<Tensor> {
         let scores = scores.contiguous()?;
         let tk = self.tk;
         let mut out = vec![T::from_f64(0.0); scores.elem_count()];
         let chunk = self.rows_per_task() * tk;
         with_cpu_slice::<T, _>(&scores, |s| {
-            let scale = T::from_f64(self.scale);
             out.par_chunks_mut(chunk)
                 .zip(s.par_chunks(chunk))
                 .enumerate()
                 .for_each(|(c, (out, s))| {
                     let row0 = c * (chunk / tk);
                     for (i, (o, s)) in out.chunks_mut(tk).zip(s.chunks(tk)).enumerate() {
-                        let n = self.visible(row0 + i);
-                        // o[n..] stays 0: masked probabilities are exactly 0.
-                        let o = &mut o[..n];
-                        let s = &s[..n];
-                        let max = s.iter().copied().fold(T::neg_inf(), T::max);
-                        let mut sum = T::from_f64(0.0);
-                        for (o, &s) in o.iter_mut().zip(s) {
-                            let e = ((s - max) * scale).exp();
-                            *o = e;
-                            sum += e;
-                        }
-                        let inv = T::from_f64(1.0) / sum;
-                        for o in o.iter_mut() {
-                            *o *= inv;
-                        }
+                        // Masked probabilities are exactly 0.
+                        o.copy_from_slice(s);
+                        self.softmax_row(self.visible(row0 + i), o);
                     }
                 });
             Ok(())
@@ -302,7 +363,6 @@ impl Mask {
         let tk = self.tk;
         let mut out = vec![T::from_f64(0.0); p.elem_count()];
         let chunk = self.rows_per_task() * tk;
-        let scale = T::from_f64(self.scale);
         with_cpu_slice::<T, _>(&p, |p| {
             with_cpu_slice::<T, _>(&dp, |dp| {
                 out.par_chunks_mut(chunk)
@@ -312,15 +372,8 @@ impl Mask {
                         let row0 = c * (chunk / tk);
                         let rows = out.chunks_mut(tk).zip(p.chunks(tk).zip(dp.chunks(tk)));
                         for (i, (o, (p, dp))) in rows.enumerate() {
-                            let n = self.visible(row0 + i);
-                            let (o, p, dp) = (&mut o[..n], &p[..n], &dp[..n]);
-                            let dot = p
-                                .iter()
-                                .zip(dp)
-                                .fold(T::from_f64(0.0), |a, (&p, &d)| a + p * d);
-                            for ((o, &p), &d) in o.iter_mut().zip(p).zip(dp) {
-                                *o = scale * p * (d - dot);
-                            }
+                            o.copy_from_slice(dp);
+                            self.softmax_backward_row(self.visible(row0 + i), p, o);
                         }
                     });
                 Ok(())
@@ -359,6 +412,100 @@ impl Mask {
             return Ok(keep.broadcast_as(ds.shape())?.where_cond(&ds, &zeros)?);
         }
         Ok(ds)
+    }
+}
+
+/// `scores ← P` in place (see [`Mask::softmax_owned`]).
+struct SoftmaxInPlace(Mask);
+
+impl SoftmaxInPlace {
+    fn run<T: Real>(&self, s: &mut [T]) {
+        let m = &self.0;
+        let tk = m.tk;
+        let chunk = m.rows_per_task() * tk;
+        s.par_chunks_mut(chunk).enumerate().for_each(|(c, s)| {
+            let row0 = c * (chunk / tk);
+            for (i, row) in s.chunks_mut(tk).enumerate() {
+                m.softmax_row(m.visible(row0 + i), row);
+            }
+        });
+    }
+}
+
+impl candle_core::InplaceOp1 for SoftmaxInPlace {
+    fn name(&self) -> &'static str {
+        "softmax_in_place"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &mut candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage as C;
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("softmax_in_place: the scores must be contiguous");
+        };
+        if (b - a) % self.0.tk.max(1) != 0 {
+            candle_core::bail!(
+                "softmax_in_place: {} elements are not rows of {}",
+                b - a,
+                self.0.tk
+            );
+        }
+        match s {
+            C::F32(v) => self.run(&mut v[a..b]),
+            C::F64(v) => self.run(&mut v[a..b]),
+            _ => candle_core::bail!("softmax_in_place: needs f32 or f64"),
+        }
+        Ok(())
+    }
+}
+
+/// `dP ← dS` in place (see [`Mask::softmax_backward_owned`]); the source is `P`.
+struct SoftmaxBackwardInPlace(Mask);
+
+impl SoftmaxBackwardInPlace {
+    fn run<T: Real>(&self, dp: &mut [T], p: &[T]) {
+        let m = &self.0;
+        let tk = m.tk;
+        let chunk = m.rows_per_task() * tk;
+        dp.par_chunks_mut(chunk)
+            .zip(p.par_chunks(chunk))
+            .enumerate()
+            .for_each(|(c, (dp, p))| {
+                let row0 = c * (chunk / tk);
+                for (i, (dp, p)) in dp.chunks_mut(tk).zip(p.chunks(tk)).enumerate() {
+                    m.softmax_backward_row(m.visible(row0 + i), p, dp);
+                }
+            });
+    }
+}
+
+impl candle_core::InplaceOp2 for SoftmaxBackwardInPlace {
+    fn name(&self) -> &'static str {
+        "softmax_backward_in_place"
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut candle_core::CpuStorage,
+        dl: &candle_core::Layout,
+        src: &candle_core::CpuStorage,
+        sl: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage as C;
+        let (Some((d0, d1)), Some((s0, s1))) = (dl.contiguous_offsets(), sl.contiguous_offsets())
+        else {
+            candle_core::bail!("softmax_backward_in_place: operands must be contiguous");
+        };
+        if d1 - d0 != s1 - s0 || (d1 - d0) % self.0.tk.max(1) != 0 {
+            candle_core::bail!("softmax_backward_in_place: shapes differ");
+        }
+        match (dst, src) {
+            (C::F32(d), C::F32(s)) => self.run(&mut d[d0..d1], &s[s0..s1]),
+            (C::F64(d), C::F64(s)) => self.run(&mut d[d0..d1], &s[s0..s1]),
+            _ => candle_core::bail!("softmax_backward_in_place: needs f32 or f64"),
+        }
+        Ok(())
     }
 }
 
@@ -431,6 +578,11 @@ mod tests {
                 let ds = mask.softmax_backward(&p, &dp)?;
                 let ds_ref = mask.softmax_backward_candle(&p, &dp)?;
                 assert!(max_rel_diff(&ds, &ds_ref)? < 1e-5);
+                // The in-place variants (into the scores, into dP) give the same numbers.
+                let p_owned = mask.softmax_owned(s.copy()?)?;
+                assert_eq!(max_rel_diff(&p_owned, &p)?, 0.0);
+                let ds_owned = mask.softmax_backward_owned(&p, dp.copy()?)?;
+                assert_eq!(max_rel_diff(&ds_owned, &ds)?, 0.0);
             }
         }
         Ok(())

@@ -5,7 +5,7 @@
 //! groups), the weight gradient a convolution of the input with the output gradient as kernel
 //! — all groups in one grouped `conv2d` by moving the batch into the channel dim.
 
-use crate::tape::{SaveAs, Tape, Value};
+use crate::tape::{Grad, SaveAs, Tape, Value};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -274,7 +274,10 @@ impl Tape {
             None
         };
         let (h, wd) = (x.dims()[2], x.dims()[3]);
-        self.record(op, &inputs, y, move |g, needs| {
+        let x_sample_bytes = cin * h * wd * elem;
+        let g_sample_bytes = cout * oh * ow * elem;
+        self.record_grad(op, &inputs, y, move |g, needs| {
+            let g = g.into_tensor();
             let gx = match (&cw, needs[0]) {
                 (Some(cw), true) => {
                     let w = cw.load()?;
@@ -285,11 +288,20 @@ impl Tape {
                 }
                 _ => None,
             };
+            let gb = if needs.len() == 3 && needs[2] {
+                Some(g.sum((0, 2, 3))?)
+            } else {
+                None
+            };
             let gw = match (&cx, needs[1]) {
                 (Some(cx), true) => {
                     // Sum of per-chunk weight gradients; each chunk of the (possibly
-                    // quantized) input is unpacked on its own.
-                    let chunk = chunk_rows(n, cols_in);
+                    // quantized) input is unpacked on its own. Besides the unfolded columns,
+                    // a chunk holds its unpacked input, candle's reordered copy of it and a
+                    // copy of its output gradient (the weight-gradient convolution's kernel):
+                    // for a 1x1 kernel those, not the columns, are what grows with the chunk.
+                    let per_sample = cols_in.max(2 * x_sample_bytes + g_sample_bytes);
+                    let chunk = chunk_rows(n, per_sample);
                     let mut acc: Option<Tensor> = None;
                     let mut s = 0;
                     while s < n {
@@ -310,13 +322,13 @@ impl Tape {
                 }
                 _ => None,
             };
-            let mut grads = vec![gx, gw];
-            if needs.len() == 3 {
-                grads.push(if needs[2] {
-                    Some(g.sum((0, 2, 3))?)
-                } else {
-                    None
-                });
+            drop(g);
+            // New tensors (the input gradient a convolution's output or the chunks' buffer).
+            let mut grads = vec![gx.map(Grad::owned), gw.map(Grad::owned)];
+            if let Some(gb) = gb {
+                grads.push(Some(Grad::owned(gb)));
+            } else if needs.len() == 3 {
+                grads.push(None);
             }
             Ok(grads)
         })

@@ -1,7 +1,7 @@
 //! Elementwise arithmetic with broadcasting, scalar ops, and sum/mean reductions.
 
 use super::sum_to_shape;
-use crate::tape::{SaveAs, Tape, Value};
+use crate::tape::{Grad, SaveAs, Tape, Value};
 use anyhow::Result;
 
 #[derive(Clone, Copy)]
@@ -60,37 +60,63 @@ impl Tape {
         } else {
             None
         };
+        if matches!(kind, Arith::Add | Arith::Sub) {
+            // Only shapes: the output gradient goes through, negated for `b` of a sub.
+            return self.record_grad(op, &[a, b], y, move |g, needs| {
+                // A gradient summed down to a broadcast input's shape, or negated, is a new
+                // tensor (owned); one that is `g` itself aliases whatever else holds `g`.
+                let gb = if !needs[1] {
+                    None
+                } else if matches!(kind, Arith::Sub) {
+                    Some(Grad::owned(sum_to_shape(&g.tensor().neg()?, &sb)?))
+                } else if g.tensor().shape() != &sb {
+                    Some(Grad::owned(sum_to_shape(g.tensor(), &sb)?))
+                } else if needs[0] {
+                    Some(Grad::shared(g.tensor().clone()))
+                } else {
+                    // The one gradient wanted, unchanged: it keeps its ownership.
+                    return Ok(vec![None, Some(g)]);
+                };
+                let ga = if !needs[0] {
+                    None
+                } else if g.tensor().shape() != &sa {
+                    Some(Grad::owned(sum_to_shape(g.tensor(), &sa)?))
+                } else if gb.as_ref().is_some_and(|gb| !gb.is_owned()) {
+                    // `b` reads the same tensor: neither may be written in place.
+                    Some(Grad::shared(g.into_tensor()))
+                } else {
+                    Some(g)
+                };
+                Ok(vec![ga, gb])
+            });
+        }
         self.record(op, &[a, b], y, move |g, needs| {
-            let (ga, gb) = match kind {
-                Arith::Add => (Some(g.clone()), Some(g)),
-                Arith::Sub => (Some(g.clone()), Some(g.neg()?)),
-                Arith::Mul => {
-                    let ga = match (&cb, needs[0]) {
-                        (Some(cb), true) => Some(g.broadcast_mul(&cb.load()?)?),
-                        _ => None,
-                    };
-                    let gb = match (&ca, needs[1]) {
-                        (Some(ca), true) => Some(g.broadcast_mul(&ca.load()?)?),
-                        _ => None,
-                    };
-                    (ga, gb)
-                }
-                Arith::Div => {
-                    let b = cb.as_ref().expect("div always saves b").load()?;
-                    let ga = if needs[0] {
-                        Some(g.broadcast_div(&b)?)
-                    } else {
-                        None
-                    };
-                    let gb = match (&ca, needs[1]) {
-                        (Some(ca), true) => {
-                            let a = ca.load()?;
-                            Some(g.broadcast_mul(&a)?.broadcast_div(&b.sqr()?)?.neg()?)
-                        }
-                        _ => None,
-                    };
-                    (ga, gb)
-                }
+            // Mul or Div (add and sub were recorded above).
+            let (ga, gb) = if matches!(kind, Arith::Mul) {
+                let ga = match (&cb, needs[0]) {
+                    (Some(cb), true) => Some(g.broadcast_mul(&cb.load()?)?),
+                    _ => None,
+                };
+                let gb = match (&ca, needs[1]) {
+                    (Some(ca), true) => Some(g.broadcast_mul(&ca.load()?)?),
+                    _ => None,
+                };
+                (ga, gb)
+            } else {
+                let b = cb.as_ref().expect("div always saves b").load()?;
+                let ga = if needs[0] {
+                    Some(g.broadcast_div(&b)?)
+                } else {
+                    None
+                };
+                let gb = match (&ca, needs[1]) {
+                    (Some(ca), true) => {
+                        let a = ca.load()?;
+                        Some(g.broadcast_mul(&a)?.broadcast_div(&b.sqr()?)?.neg()?)
+                    }
+                    _ => None,
+                };
+                (ga, gb)
             };
             let ga = match ga {
                 Some(g) if needs[0] => Some(sum_to_shape(&g, &sa)?),

@@ -1,8 +1,44 @@
 //! Matrix products: batched matmul with broadcast batch dims, and the fully connected layer.
 
-use super::sum_to_shape;
-use crate::tape::{SaveAs, Tape, Value};
+use super::activation::add_bias_rows;
+use super::{chunk_rows_for, context_chunk_bytes, sum_to_shape};
+use crate::tape::{Grad, SaveAs, Saved, Tape, Value};
 use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+/// `gᵀ x` for a linear layer (`g: [rows, out]`, the saved input `x` as `[rows, in]`). A
+/// compressed input larger than [`CONTEXT_CHUNK_BYTES`](super::CONTEXT_CHUNK_BYTES) is unpacked in chunks of samples
+/// (dim 0 of the saved tensor) and the partial products summed, so the whole unpacked input
+/// never exists next to the gradients; an input kept as it is needs no unpacking.
+fn linear_grad_weight(cx: &Saved, g2: &Tensor, rows: usize, in_f: usize) -> Result<Tensor> {
+    let samples = cx.rows();
+    let bytes = rows * in_f * g2.dtype().size_in_bytes();
+    let chunked = !cx.stored_as_is()
+        && cx.loads_rows_cheaply()
+        && bytes > context_chunk_bytes()
+        && samples > 1
+        && rows.is_multiple_of(samples);
+    if !chunked {
+        let x2 = cx.load()?.reshape((rows, in_f))?;
+        return Ok(g2.t()?.matmul(&x2)?);
+    }
+    let per = rows / samples;
+    let chunk = chunk_rows_for(samples, per * in_f * g2.dtype().size_in_bytes());
+    let mut acc: Option<Tensor> = None;
+    let mut first = 0;
+    while first < samples {
+        let count = chunk.min(samples - first);
+        let xc = cx.load_rows(first, count)?.reshape((count * per, in_f))?;
+        let gc = g2.narrow(0, first * per, count * per)?;
+        let part = gc.t()?.matmul(&xc)?;
+        acc = Some(match acc {
+            None => part,
+            Some(a) => (a + part)?,
+        });
+        first += count;
+    }
+    acc.ok_or_else(|| anyhow::anyhow!("linear: empty batch"))
+}
 
 impl Tape {
     /// `a @ b` over the last two dims; leading (batch) dims broadcast.
@@ -60,8 +96,10 @@ impl Tape {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.tensor().reshape((rows, in_f))?;
         let mut y = x2.matmul(&w.tensor().t()?)?;
+        drop(x2);
         if let Some(b) = b {
-            y = y.broadcast_add(b.tensor())?;
+            // Into the fresh matmul result's own buffer on the CPU: no second [rows, out].
+            y = add_bias_rows(y, b.tensor())?;
         }
         let mut out_dims = dims.clone();
         *out_dims.last_mut().expect("rank >= 1") = out_f;
@@ -84,22 +122,24 @@ impl Tape {
             None
         };
         let x_shape = x.shape().clone();
-        self.record("linear", &inputs, y, move |g, needs| {
-            let g2 = g.reshape((rows, out_f))?;
+        self.record_grad("linear", &inputs, y, move |g, needs| {
+            let g2 = g.into_tensor().reshape((rows, out_f))?;
             let gx = match (&cw, needs[0]) {
                 (Some(cw), true) => Some(g2.matmul(&cw.load()?)?.reshape(&x_shape)?),
                 _ => None,
             };
             let gw = match (&cx, needs[1]) {
-                (Some(cx), true) => {
-                    let x2 = cx.load()?.reshape((rows, in_f))?;
-                    Some(g2.t()?.matmul(&x2)?)
-                }
+                (Some(cx), true) => Some(linear_grad_weight(cx, &g2, rows, in_f)?),
                 _ => None,
             };
-            let mut grads = vec![gx, gw];
+            // All three are new tensors (the input gradient a matmul result): owned.
+            let mut grads = vec![gx.map(Grad::owned), gw.map(Grad::owned)];
             if needs.len() == 3 {
-                grads.push(if needs[2] { Some(g2.sum(0)?) } else { None });
+                grads.push(if needs[2] {
+                    Some(Grad::owned(g2.sum(0)?))
+                } else {
+                    None
+                });
             }
             Ok(grads)
         })

@@ -20,6 +20,33 @@ pub mod sparse;
 use anyhow::Result;
 use candle_core::{Shape, Tensor};
 
+/// Bytes of unpacked context a backward rule holds at once when it reads a saved tensor in
+/// row chunks ([`Saved::load_rows`](crate::tape::Saved::load_rows)): small next to a layer's
+/// activations, large enough that each chunk is a few big parallel loops.
+pub const CONTEXT_CHUNK_BYTES: usize = 2 << 20;
+
+thread_local! {
+    static CHUNK_BYTES: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Tests only: replaces [`CONTEXT_CHUNK_BYTES`] on the calling thread (`None` restores it), so
+/// that small tensors are read in several chunks and the chunked paths get checked.
+#[doc(hidden)]
+pub fn set_context_chunk_bytes(bytes: Option<usize>) {
+    CHUNK_BYTES.with(|c| c.set(bytes));
+}
+
+/// Rows (of `row_bytes` each) per chunk so a chunk stays within [`CONTEXT_CHUNK_BYTES`]; at
+/// least 1, at most `rows`.
+pub(crate) fn chunk_rows_for(rows: usize, row_bytes: usize) -> usize {
+    (context_chunk_bytes() / row_bytes.max(1)).clamp(1, rows.max(1))
+}
+
+/// [`CONTEXT_CHUNK_BYTES`], or the calling thread's test override.
+pub(crate) fn context_chunk_bytes() -> usize {
+    CHUNK_BYTES.with(|c| c.get()).unwrap_or(CONTEXT_CHUNK_BYTES)
+}
+
 /// Sums a broadcast gradient back to `shape` (the inverse of broadcasting): leading extra dims
 /// are summed away, and dims where `shape` has 1 are summed with keepdim.
 pub fn sum_to_shape(g: &Tensor, shape: &Shape) -> Result<Tensor> {

@@ -9,9 +9,12 @@
 //!
 //! On the CPU with f32/f64 tensors forward and backward run fused kernels (rayon over rows,
 //! or over channels and samples for batch norm; statistics accumulated in f64); elsewhere
-//! the same formulas run as candle ops.
+//! the same formulas run as candle ops. Batch norm's backward reads its saved input in
+//! chunks of samples (two passes: the reductions, then the input gradient) and writes the
+//! input gradient into the output gradient's buffer when the tape hands that over as owned,
+//! so it holds one layer-sized tensor and a chunk rather than three layer-sized tensors.
 
-use crate::tape::{SaveAs, Tape, Value};
+use crate::tape::{Grad, SaveAs, Tape, Value};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Layout, Storage, Tensor, WithDType};
 use rayon::prelude::*;
@@ -323,55 +326,99 @@ fn bn_apply<T: WithDType>(
     y
 }
 
-/// Batch-norm backward. `x = Some((x, mean, invstd))` when `x̂` is needed; returns
-/// `(gx, Σ g x̂, Σ g)` (gx only if `gamma` is given).
-fn bn_bwd<T: WithDType>(
+/// Adds `Σ_{n,s} g (x - mean) invstd` over the samples `first..first + count` of `[N, C, S]`
+/// to `acc[c]` (`x` holds just those samples), in sample order (so chunks add up exactly as
+/// one pass would).
+#[allow(clippy::too_many_arguments)]
+fn bn_sum_gxh_rows<T: WithDType>(
+    acc: &mut [f64],
     g: &[T],
-    x: Option<(&[T], &[T], &[T])>,
-    gamma: Option<&[T]>,
-    (n, c, s): (usize, usize, usize),
-    training: bool,
-) -> (Option<Vec<T>>, Vec<f64>, Vec<f64>) {
-    let sum_g = channel_sums(n, c, |ni, ci| {
-        let p = &g[(ni * c + ci) * s..][..s];
-        lane_sum(s, |j| p[j])
-    });
-    let Some((x, mean, invstd)) = x else {
-        return (None, vec![0.0; c], sum_g);
-    };
-    let sum_gxh = channel_sums(n, c, |ni, ci| {
-        let o = (ni * c + ci) * s;
-        let (gp, xp) = (&g[o..][..s], &x[o..][..s]);
+    x: &[T],
+    mean: &[T],
+    invstd: &[T],
+    (c, s): (usize, usize),
+    first: usize,
+    count: usize,
+) {
+    acc.par_iter_mut().enumerate().for_each(|(ci, acc)| {
         let (m, k) = (mean[ci], invstd[ci]);
-        lane_sum(s, |j| gp[j] * (xp[j] - m) * k)
+        for li in 0..count {
+            let gp = &g[((first + li) * c + ci) * s..][..s];
+            let xp = &x[(li * c + ci) * s..][..s];
+            *acc += lane_sum(s, |j| gp[j] * (xp[j] - m) * k);
+        }
     });
-    let gx = gamma.map(|gamma| {
-        let inv_m = 1.0 / (n * s) as f64;
-        let mut gx = vec![T::zero(); g.len()];
-        gx.par_chunks_mut(c * s)
-            .zip(g.par_chunks(c * s).zip(x.par_chunks(c * s)))
-            .for_each(|(gx, (g, x))| {
+}
+
+/// The per-channel numbers batch norm's input gradient needs, in f64 (each value of the
+/// tensors' dtype, so converting back is exact): `gx = gamma invstd (g - a - x̂ b)` with
+/// `a = Σg / M`, `b = Σ g x̂ / M` in training, `gx = gamma invstd g` in eval.
+struct BnGx {
+    mean: Vec<f64>,
+    invstd: Vec<f64>,
+    gamma: Vec<f64>,
+    sum_g: Vec<f64>,
+    sum_gxh: Vec<f64>,
+    inv_m: f64,
+    training: bool,
+    c: usize,
+    s: usize,
+}
+
+impl BnGx {
+    /// Overwrites `g` (whole samples of `[N, C, S]`) with `gx`; `x` holds the same samples.
+    fn apply<T: WithDType>(&self, g: &mut [T], x: &[T]) {
+        let (c, s) = (self.c, self.s);
+        g.par_chunks_mut(c * s)
+            .zip(x.par_chunks(c * s))
+            .for_each(|(g, x)| {
                 for ci in 0..c {
-                    let (m, k) = (mean[ci], invstd[ci]);
-                    let scale = gamma[ci] * k;
-                    let o = ci * s;
-                    let (gx, g, x) = (&mut gx[o..][..s], &g[o..][..s], &x[o..][..s]);
-                    if training {
-                        let a = T::from_f64(sum_g[ci] * inv_m);
-                        let b = T::from_f64(sum_gxh[ci] * inv_m);
-                        for ((o, &gv), &xv) in gx.iter_mut().zip(g).zip(x) {
-                            *o = scale * (gv - a - (xv - m) * k * b);
+                    let m = T::from_f64(self.mean[ci]);
+                    let k = T::from_f64(self.invstd[ci]);
+                    let scale = T::from_f64(self.gamma[ci]) * k;
+                    let (g, x) = (&mut g[ci * s..][..s], &x[ci * s..][..s]);
+                    if self.training {
+                        let a = T::from_f64(self.sum_g[ci] * self.inv_m);
+                        let b = T::from_f64(self.sum_gxh[ci] * self.inv_m);
+                        for (o, &xv) in g.iter_mut().zip(x) {
+                            *o = scale * (*o - a - (xv - m) * k * b);
                         }
                     } else {
-                        for (o, &gv) in gx.iter_mut().zip(g) {
-                            *o = scale * gv;
+                        for o in g.iter_mut() {
+                            *o = scale * *o;
                         }
                     }
                 }
             });
-        gx
-    });
-    (gx, sum_gxh, sum_g)
+    }
+}
+
+impl candle_core::InplaceOp2 for BnGx {
+    fn name(&self) -> &'static str {
+        "batch_norm_grad_in_place"
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut candle_core::CpuStorage,
+        dl: &Layout,
+        src: &candle_core::CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage as C;
+        let (Some((d0, d1)), Some((s0, s1))) = (dl.contiguous_offsets(), sl.contiguous_offsets())
+        else {
+            candle_core::bail!("batch_norm backward: operands must be contiguous");
+        };
+        if d1 - d0 != s1 - s0 {
+            candle_core::bail!("batch_norm backward: {} vs {} elements", d1 - d0, s1 - s0);
+        }
+        match (dst, src) {
+            (C::F32(d), C::F32(x)) => self.apply(&mut d[d0..d1], &x[s0..s1]),
+            (C::F64(d), C::F64(x)) => self.apply(&mut d[d0..d1], &x[s0..s1]),
+            _ => candle_core::bail!("batch_norm backward: needs f32 or f64"),
+        }
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -478,45 +525,119 @@ fn bn_forward_kernel<T: WithDType>(
 
 type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
+/// Reads samples `first..first + count` of a saved batch-norm input.
+type RowLoader<'a> = &'a dyn Fn(usize, usize) -> Result<Tensor>;
+
+/// Batch-norm backward on the CPU. `x = Some((load, mean, invstd))` when `x̂` is needed:
+/// the input is read through `load` in chunks of `chunk` samples — twice, once for the
+/// reductions `Σ g x̂` and once to write `gx` — so only one chunk of the unpacked input is
+/// alive next to `g` and `gx`. Sums are f64 and run in sample order whatever the chunking.
+/// With `g` owned, `gx` is written into `g`'s own buffer (and comes back owned).
+#[allow(clippy::too_many_arguments)]
 fn bn_backward_kernel<T: WithDType>(
-    g: &Tensor,
-    x: Option<(&Tensor, &Tensor, &Tensor)>,
+    g: Grad,
+    x: Option<(RowLoader, &Tensor, &Tensor)>,
     gamma: Option<&Tensor>,
-    ncs: (usize, usize, usize),
+    (n, c, s): (usize, usize, usize),
+    chunk: usize,
     training: bool,
     want: [bool; 3],
-) -> Result<Grads3> {
-    let c = ncs.1;
-    let mut ts = vec![g];
-    if let Some((x, m, k)) = x {
-        ts.extend([x, m, k]);
-    }
-    if let Some(gm) = gamma {
-        ts.push(gm);
-    }
-    let dims = g.dims().to_vec();
-    let (gx, sum_gxh, sum_g) = with_slices::<T, _>(&ts, |v| {
-        let xs = if x.is_some() {
-            Some((v[1], v[2], v[3]))
-        } else {
-            None
+) -> Result<(Option<Grad>, Option<Tensor>, Option<Tensor>)> {
+    let dims = g.tensor().dims().to_vec();
+    let to_t = |v: &[f64]| vec_tensor(v.iter().map(|&v| T::from_f64(v)).collect::<Vec<T>>(), &[c]);
+    let chunk = chunk.clamp(1, n.max(1));
+    let sample = c * s;
+    let to_f64 = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1()?) };
+    // Pass 1: the reductions. A chunk covering the batch is kept for the second pass.
+    let mut whole: Option<Tensor> = None;
+    let (sum_g, sum_gxh) = with_slices::<T, _>(&[g.tensor()], |gv| {
+        let gs = gv[0];
+        let sum_g = channel_sums(n, c, |ni, ci| {
+            let p = &gs[(ni * c + ci) * s..][..s];
+            lane_sum(s, |j| p[j])
+        });
+        let Some((load, mean, invstd)) = x else {
+            return Ok((sum_g, None));
         };
-        let gm = gamma.map(|_| v[v.len() - 1]);
-        Ok(bn_bwd(v[0], xs, gm, ncs, training))
+        let mean: Vec<T> = mean.to_vec1()?;
+        let invstd: Vec<T> = invstd.to_vec1()?;
+        let mut sum_gxh = vec![0f64; c];
+        let mut first = 0;
+        while first < n {
+            let count = chunk.min(n - first);
+            let xc = load(first, count)?;
+            with_slices::<T, _>(&[&xc], |xv| {
+                bn_sum_gxh_rows(
+                    &mut sum_gxh,
+                    gs,
+                    xv[0],
+                    &mean,
+                    &invstd,
+                    (c, s),
+                    first,
+                    count,
+                );
+                Ok(())
+            })?;
+            if count == n {
+                whole = Some(xc);
+            }
+            first += count;
+        }
+        Ok((sum_g, Some(sum_gxh)))
     })?;
-    let to_t = |v: Vec<f64>| vec_tensor(v.into_iter().map(T::from_f64).collect::<Vec<T>>(), &[c]);
-    Ok((
-        match gx {
-            Some(gx) if want[0] => Some(vec_tensor(gx, &dims)?),
-            _ => None,
-        },
-        if want[1] && x.is_some() {
-            Some(to_t(sum_gxh)?)
-        } else {
-            None
-        },
-        if want[2] { Some(to_t(sum_g)?) } else { None },
-    ))
+    let gb = if want[2] { Some(to_t(&sum_g)?) } else { None };
+    let gg = match &sum_gxh {
+        Some(v) if want[1] => Some(to_t(v)?),
+        _ => None,
+    };
+    // Pass 2: the input gradient, chunk by chunk, into `g` itself or into a copy of it.
+    let gx = match (gamma, &x) {
+        (Some(gamma), Some((load, mean, invstd))) if want[0] => {
+            let k = BnGx {
+                mean: to_f64(mean)?,
+                invstd: to_f64(invstd)?,
+                gamma: to_f64(gamma)?,
+                sum_g,
+                sum_gxh: sum_gxh.unwrap_or_default(),
+                inv_m: 1.0 / (n * s) as f64,
+                training,
+                c,
+                s,
+            };
+            let owned = g.is_owned() && g.tensor().is_contiguous();
+            let (out, mut copy) = if owned {
+                (g.into_tensor(), None)
+            } else {
+                let v = with_slices::<T, _>(&[g.tensor()], |gv| Ok(gv[0].to_vec()))?;
+                (g.into_tensor(), Some(v))
+            };
+            let mut first = 0;
+            while first < n {
+                let count = chunk.min(n - first);
+                let xc = match &whole {
+                    Some(t) => t.clone(),
+                    None => load(first, count)?,
+                };
+                match copy.as_mut() {
+                    None => out
+                        .narrow(0, first, count)?
+                        .inplace_op2(&xc.contiguous()?, &k)?,
+                    Some(v) => with_slices::<T, _>(&[&xc], |xv| {
+                        k.apply(&mut v[first * sample..(first + count) * sample], xv[0]);
+                        Ok(())
+                    })?,
+                }
+                first += count;
+            }
+            Some(Grad::owned(match copy {
+                None => out,
+                Some(v) => vec_tensor(v, &dims)?,
+            }))
+        }
+        _ => None,
+    };
+    Ok((gx, gg, gb))
 }
 
 fn row_forward_kernel<T: WithDType>(
@@ -681,37 +802,65 @@ impl Tape {
             None
         };
         drop((mean, invstd));
-        self.record(op, &inputs, y, move |g, needs| {
+        self.record_grad(op, &inputs, y, move |g, needs| {
             let want = [needs[0], needs[1], needs[2]];
-            let xs = match &cx {
-                Some((cx, cm, ci)) => Some((cx.load()?, cm.load()?, ci.load()?)),
+            let stats = match &cx {
+                Some((_, cm, ci)) => Some((cm.load()?, ci.load()?)),
                 None => None,
             };
             let gamma = cg.as_ref().map(|cg| cg.load()).transpose()?;
-            let xs_ref = xs.as_ref().map(|(a, b, c)| (a, b, c));
-            let mut ts = vec![&g];
-            if let Some((a, b, c)) = xs_ref {
-                ts.extend([a, b, c]);
+            let mut ts = vec![g.tensor()];
+            if let Some((m, k)) = &stats {
+                ts.extend([m, k]);
             }
             ts.extend(gamma.as_ref());
-            let (gx, gg, gb) = if use_kernel(&ts) {
-                by_dtype!(
-                    g.dtype(),
+            if use_kernel(&ts) {
+                // Chunks of the saved input where a chunk unpacks only its own samples.
+                let (sx, chunk) = match &cx {
+                    Some((sx, _, _)) if sx.loads_rows_cheaply() => {
+                        let per = c * s * g.tensor().dtype().size_in_bytes();
+                        (Some(sx), super::chunk_rows_for(n, per))
+                    }
+                    Some((sx, _, _)) => (Some(sx), n),
+                    None => (None, n),
+                };
+                let load = |first: usize, count: usize| -> Result<Tensor> {
+                    let sx = sx.expect("only called when x is saved");
+                    let t = if count == n {
+                        sx.load()?
+                    } else {
+                        sx.load_rows(first, count)?
+                    };
+                    Ok(t.reshape((count, c, s))?)
+                };
+                let xs = stats.as_ref().map(|(m, k)| (&load as RowLoader, m, k));
+                let dtype = g.tensor().dtype();
+                let (gx, gg, gb) = by_dtype!(
+                    dtype,
                     bn_backward_kernel,
-                    &g,
-                    xs_ref,
+                    g,
+                    xs,
                     gamma.as_ref(),
                     ncs,
+                    chunk,
                     training,
                     want
-                )?
-            } else {
-                bn_backward_generic(&g, xs_ref, gamma.as_ref(), ncs, training, want)?
+                )?;
+                return Ok(vec![gx, gg.map(Grad::owned), gb.map(Grad::owned)]);
+            }
+            let xs = match (&cx, &stats) {
+                (Some((cx, _, _)), Some((m, k))) => Some((cx.load()?, m, k)),
+                _ => None,
             };
+            let xs_ref = xs.as_ref().map(|(a, b, c)| (a, *b, *c));
+            let (gx, gg, gb) =
+                bn_backward_generic(g.tensor(), xs_ref, gamma.as_ref(), ncs, training, want)?;
             Ok(vec![
-                gx.map(|t| t.reshape(dims.as_slice())).transpose()?,
-                gg,
-                gb,
+                gx.map(|t| t.reshape(dims.as_slice()))
+                    .transpose()?
+                    .map(Grad::owned),
+                gg.map(Grad::owned),
+                gb.map(Grad::owned),
             ])
         })
     }
@@ -797,7 +946,8 @@ impl Tape {
         };
         drop((mean, rstd));
         let (has_gamma, has_beta) = (gamma.is_some(), beta.is_some());
-        self.record(op, &inputs, y, move |g, needs| {
+        self.record_grad(op, &inputs, y, move |g, needs| {
+            let g = g.into_tensor();
             let ig = if has_gamma { Some(1) } else { None };
             let ib = if has_beta {
                 Some(1 + has_gamma as usize)
@@ -842,13 +992,16 @@ impl Tape {
             } else {
                 row_backward_generic(&g2, xs_ref, gamma.as_ref(), d, center, want)?
             };
-            let mut grads: Vec<Option<Tensor>> =
-                vec![gx.map(|t| t.reshape(dims.as_slice())).transpose()?];
+            // Every gradient is a new tensor (kernel output or candle-op result): owned.
+            let mut grads: Vec<Option<Grad>> = vec![gx
+                .map(|t| t.reshape(dims.as_slice()))
+                .transpose()?
+                .map(Grad::owned)];
             if has_gamma {
-                grads.push(gg);
+                grads.push(gg.map(Grad::owned));
             }
             if has_beta {
-                grads.push(gb);
+                grads.push(gb.map(Grad::owned));
             }
             Ok(grads)
         })

@@ -10,8 +10,8 @@ impl Tape {
     pub fn reshape(&mut self, x: &Value, dims: &[usize]) -> Result<Value> {
         let y = x.tensor().reshape(dims)?;
         let in_shape = x.shape().clone();
-        self.record("reshape", &[x], y, move |g, _| {
-            Ok(vec![Some(g.reshape(&in_shape)?)])
+        self.record_grad("reshape", &[x], y, move |g, _| {
+            Ok(vec![Some(g.map_view(|g| Ok(g.reshape(&in_shape)?))?)])
         })
     }
 
@@ -31,8 +31,10 @@ impl Tape {
     /// Swaps two dims (the result is made contiguous so later ops see a plain layout).
     pub fn transpose(&mut self, x: &Value, d1: usize, d2: usize) -> Result<Value> {
         let y = x.tensor().transpose(d1, d2)?.contiguous()?;
-        self.record("transpose", &[x], y, move |g, _| {
-            Ok(vec![Some(g.transpose(d1, d2)?.contiguous()?)])
+        self.record_grad("transpose", &[x], y, move |g, _| {
+            Ok(vec![Some(
+                g.map_view(|g| Ok(g.transpose(d1, d2)?.contiguous()?))?,
+            )])
         })
     }
 

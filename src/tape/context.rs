@@ -43,6 +43,10 @@ impl SaveAs {
 pub trait PackedContext {
     /// Rebuilds a tensor of `shape`/`dtype` on `device` (dequantized for [`SaveAs::Activation`],
     /// 0/1 for [`SaveAs::SignMask`], `U8` for [`SaveAs::Index`]).
+    ///
+    /// For [`SaveAs::SignMask`] the result must be a new tensor that shares no storage with
+    /// the context (a mask is materialised anyway): backward rules overwrite it in place
+    /// ([`Saved::load_owned`]) instead of allocating their output next to it.
     fn unpack(&self, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor>;
     /// Rows `first..first + count` of dim 0 only (`shape` is the full shape). Chunked
     /// backward passes use it so the unpacked temporary is one chunk; the default unpacks
@@ -135,6 +139,46 @@ impl Saved {
             (Packed::Compressed(c), _) => c.unpack(&e.shape, e.dtype, &e.device),
         }
     }
+    /// Like [`Saved::load`], but the tensor is the caller's alone, so a backward rule may write
+    /// its result into it in place (ReLU multiplies the gradient into its unpacked mask, so the
+    /// mask is the output buffer, not one more tensor beside it). A mask is built fresh either
+    /// way (see [`PackedContext::unpack`]); any other context is copied unless the copy would
+    /// be pointless, so prefer [`Saved::load`] there.
+    pub fn load_owned(&self) -> Result<Tensor> {
+        let e = &*self.0;
+        match (&e.packed, e.kind) {
+            (Packed::Full(t), SaveAs::SignMask) => Ok(t.gt(0.0)?.to_dtype(e.dtype)?),
+            (Packed::Compressed(c), SaveAs::SignMask) => c.unpack(&e.shape, e.dtype, &e.device),
+            (Packed::Full(t), _) => Ok(t.copy()?),
+            (Packed::Compressed(c), _) => Ok(c.unpack(&e.shape, e.dtype, &e.device)?.copy()?),
+        }
+    }
+
+    /// Whether the context is the tensor itself (no compression): loading it costs nothing.
+    pub fn stored_as_is(&self) -> bool {
+        matches!(self.0.packed, Packed::Full(_))
+    }
+
+    /// Number of rows (dim 0) [`Saved::load_rows`] can be asked for; 1 for a scalar.
+    pub fn rows(&self) -> usize {
+        self.0.shape.dims().first().copied().unwrap_or(1)
+    }
+
+    /// Whether backward rules should read this context in row chunks ([`Saved::load_rows`])
+    /// rather than whole: true for a tensor kept as it is (a row range is a view) and for a
+    /// compressed activation of rank > 1 (the compression policy quantizes those per sample,
+    /// so a chunk dequantizes only its rows; a [`PackedContext`] without its own
+    /// `unpack_rows` is still correct, only slower). False for compressed masks and indices,
+    /// whose formats unpack whole.
+    pub fn loads_rows_cheaply(&self) -> bool {
+        let e = &*self.0;
+        match (&e.packed, e.kind) {
+            (Packed::Full(_), _) => true,
+            (Packed::Compressed(_), SaveAs::Activation) => e.shape.rank() > 1,
+            _ => false,
+        }
+    }
+
     /// Unpacks rows `first..first + count` of dim 0 (a batch chunk).
     pub fn load_rows(&self, first: usize, count: usize) -> Result<Tensor> {
         let e = &*self.0;

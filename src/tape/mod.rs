@@ -6,6 +6,12 @@
 //! [`Value`], its tensor is freed. [`Tape::backward`] pops nodes in reverse, takes the output
 //! gradient out of the frontier, runs the rule (which unpacks its context into temporaries)
 //! and drops the node — and with it the context — before the next one.
+//!
+//! Gradients in flight are [`Grad`]s: a tensor plus whether its storage is the gradient's
+//! alone. Rules recorded with [`Tape::record_grad`] may write their input gradient into an
+//! owned output gradient (batch norm, the pointwise activations) and mark what they allocate
+//! as owned; where two gradients meet at a fork the tape adds one into the other when it is
+//! owned. So a rule costs one layer-sized tensor (its output gradient) instead of two or three.
 
 pub mod context;
 pub mod gradcheck;
@@ -65,6 +71,67 @@ impl Value {
 /// Gradients of a node's inputs, in input order; `None` where an input needs none.
 pub type InputGrads = Vec<Option<Tensor>>;
 type BackwardFn = Box<dyn FnOnce(Tensor, &[bool]) -> Result<InputGrads>>;
+type GradBackwardFn = Box<dyn FnOnce(Grad, &[bool]) -> Result<Vec<Option<Grad>>>>;
+
+/// A gradient in flight during backward: the tensor, and whether its storage belongs to the
+/// gradient alone.
+///
+/// An *owned* gradient's storage is referenced by nothing else — no other gradient, context,
+/// forward tensor or parameter — so a backward rule (see [`Tape::record_grad`]) may write
+/// its input gradient into it in place, and the tape adds a second contribution at a fork
+/// into it instead of allocating the sum. A *shared* one may alias anything (the same tensor
+/// handed to both inputs of an add, a view of another gradient) and is only read.
+#[derive(Debug)]
+pub struct Grad {
+    tensor: Tensor,
+    owned: bool,
+}
+
+impl Grad {
+    /// A gradient that may share its storage: never written in place.
+    pub fn shared(tensor: Tensor) -> Self {
+        Self {
+            tensor,
+            owned: false,
+        }
+    }
+    /// A gradient whose storage nothing else references. The caller vouches for it: only
+    /// for a tensor it has just allocated (or one it was handed as owned and wrote into) and
+    /// of which it keeps no other handle or view.
+    pub fn owned(tensor: Tensor) -> Self {
+        Self {
+            tensor,
+            owned: true,
+        }
+    }
+    pub fn tensor(&self) -> &Tensor {
+        &self.tensor
+    }
+    pub fn is_owned(&self) -> bool {
+        self.owned
+    }
+    pub fn into_tensor(self) -> Tensor {
+        self.tensor
+    }
+    /// Applies `f` to the tensor and keeps the ownership: for a view of it (reshape,
+    /// transpose) or a new tensor made from it, where `f` keeps no other handle.
+    pub fn map_view(self, f: impl FnOnce(Tensor) -> Result<Tensor>) -> Result<Grad> {
+        Ok(Grad {
+            tensor: f(self.tensor)?,
+            owned: self.owned,
+        })
+    }
+    fn bytes(&self) -> usize {
+        self.tensor.elem_count() * self.tensor.dtype().size_in_bytes()
+    }
+}
+
+/// A node's backward rule: plain (tensors in and out, nothing written in place) or
+/// ownership-aware ([`Grad`] in and out).
+enum Rule {
+    Plain(BackwardFn),
+    Grad(GradBackwardFn),
+}
 
 struct Node {
     op: &'static str,
@@ -73,7 +140,7 @@ struct Node {
     input_shapes: Vec<Shape>,
     /// `needs[i]`: input i is tracked, so its gradient is wanted.
     needs: Vec<bool>,
-    backward: BackwardFn,
+    backward: Rule,
 }
 
 pub struct Tape {
@@ -368,6 +435,52 @@ impl Tape {
     where
         F: FnOnce(Tensor, &[bool]) -> Result<InputGrads> + 'static,
     {
+        self.push_node(op, inputs, out, Rule::Plain(Box::new(backward)))
+    }
+
+    /// Like [`Tape::record`], for a rule that takes its output gradient as a [`Grad`] and
+    /// returns its input gradients as [`Grad`]s: it may write into an owned output gradient
+    /// in place, and marks the gradients it allocated itself as owned so the next rule (or a
+    /// fork's accumulation) can do the same.
+    pub fn record_grad<F>(
+        &mut self,
+        op: &'static str,
+        inputs: &[&Value],
+        output: Tensor,
+        backward: F,
+    ) -> Result<Value>
+    where
+        F: FnOnce(Grad, &[bool]) -> Result<Vec<Option<Grad>>> + 'static,
+    {
+        if !self.needs_grad(inputs) {
+            crate::memory::check_budget()?;
+            return Ok(self.constant(output));
+        }
+        let out = self.output(output);
+        self.push_node(op, inputs, out, Rule::Grad(Box::new(backward)))
+    }
+
+    /// [`Tape::record_output`] for an ownership-aware rule (see [`Tape::record_grad`]).
+    pub fn record_output_grad<F>(
+        &mut self,
+        op: &'static str,
+        inputs: &[&Value],
+        out: Value,
+        backward: F,
+    ) -> Result<Value>
+    where
+        F: FnOnce(Grad, &[bool]) -> Result<Vec<Option<Grad>>> + 'static,
+    {
+        self.push_node(op, inputs, out, Rule::Grad(Box::new(backward)))
+    }
+
+    fn push_node(
+        &mut self,
+        op: &'static str,
+        inputs: &[&Value],
+        out: Value,
+        backward: Rule,
+    ) -> Result<Value> {
         crate::memory::check_budget()?;
         if !self.needs_grad(inputs) {
             return Ok(Value {
@@ -381,7 +494,7 @@ impl Tape {
             inputs: inputs.iter().map(|v| v.id).collect(),
             input_shapes: inputs.iter().map(|v| v.shape().clone()).collect(),
             needs: inputs.iter().map(|v| v.tracked).collect(),
-            backward: Box::new(backward),
+            backward,
         });
         Ok(out)
     }
@@ -440,8 +553,8 @@ impl Tape {
         if !loss.tracked {
             return Ok(());
         }
-        let mut frontier: HashMap<ValueId, Tensor> = HashMap::new();
-        frontier.insert(loss.id, loss.tensor.ones_like()?);
+        let mut frontier: HashMap<ValueId, Grad> = HashMap::new();
+        frontier.insert(loss.id, Grad::owned(loss.tensor.ones_like()?));
         while let Some(node) = self.nodes.pop() {
             let Node {
                 op,
@@ -456,8 +569,16 @@ impl Tape {
                 self.report(op, &frontier, after_node);
                 continue;
             };
-            let grads =
-                backward(grad_out, &needs).with_context(|| format!("backward of op `{op}`"))?;
+            let grads: Vec<Option<Grad>> = match backward {
+                Rule::Plain(f) => f(grad_out.into_tensor(), &needs)
+                    .with_context(|| format!("backward of op `{op}`"))?
+                    .into_iter()
+                    .map(|g| g.map(Grad::shared))
+                    .collect(),
+                Rule::Grad(f) => {
+                    f(grad_out, &needs).with_context(|| format!("backward of op `{op}`"))?
+                }
+            };
             if grads.len() != inputs.len() {
                 bail!(
                     "backward of `{op}` returned {} gradients for {} inputs",
@@ -470,18 +591,18 @@ impl Tape {
                 if !needs[i] {
                     continue;
                 }
-                if g.shape() != &input_shapes[i] {
+                if g.tensor().shape() != &input_shapes[i] {
                     bail!(
                         "backward of `{op}`: gradient for input {i} has shape {:?}, input has {:?}",
-                        g.dims(),
+                        g.tensor().dims(),
                         input_shapes[i].dims()
                     );
                 }
                 let id = inputs[i];
                 if let Some(&pid) = self.param_of.get(&id) {
-                    params.accumulate_grad(pid, g)?;
+                    params.accumulate_grad(pid, g.into_tensor())?;
                 } else if let Some(prev) = frontier.remove(&id) {
-                    frontier.insert(id, (prev + g)?);
+                    frontier.insert(id, add_grads(prev, g)?);
                 } else {
                     frontier.insert(id, g);
                 }
@@ -494,19 +615,30 @@ impl Tape {
     fn report(
         &self,
         op: &'static str,
-        frontier: &HashMap<ValueId, Tensor>,
+        frontier: &HashMap<ValueId, Grad>,
         after_node: &mut impl FnMut(&BackwardProgress),
     ) {
         after_node(&BackwardProgress {
             op,
             nodes_left: self.nodes.len(),
             live_context_bytes: self.live_context.get(),
-            frontier_bytes: frontier
-                .values()
-                .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-                .sum(),
+            frontier_bytes: frontier.values().map(Grad::bytes).sum(),
         });
     }
+}
+
+/// The sum of two gradient contributions to one value (a fork): written into whichever is
+/// owned (on the CPU), so the sum costs no third tensor; a new, owned tensor otherwise.
+fn add_grads(a: Grad, b: Grad) -> Result<Grad> {
+    let (dst, src) = match (a.owned, b.owned) {
+        (true, _) => (a, b),
+        (false, true) => (b, a),
+        (false, false) => return Ok(Grad::owned((a.tensor + b.tensor)?)),
+    };
+    if crate::ops::activation::add_in_place(&dst.tensor, &src.tensor)? {
+        return Ok(dst);
+    }
+    Ok(Grad::owned((dst.tensor + src.tensor)?))
 }
 
 /// Where backward stands after a node: what is left of the context and of the gradients

@@ -1,0 +1,352 @@
+//! The memory-saving backward and forward kernels against the composed candle-op reference:
+//! batch norm's chunked/in-place backward, the pointwise activations' chunked/in-place
+//! backward, ReLU's in-place mask product, the linear layer's in-place bias and chunked
+//! weight gradient, `linear_gelu`, and in-place gradient accumulation at forks.
+//!
+//! Each case runs one graph twice on the same inputs under the same compression policy (L3,
+//! so contexts are really quantized and unpacked in row chunks): once with the CPU kernels
+//! on and a tiny context chunk (every saved tensor is read in several chunks), once on the
+//! portable candle-ops path (`set_fused_cpu_kernels(false)`, `force_generic_norm_kernels`),
+//! and compares outputs and every input gradient within 1e-5 relative. Each graph feeds the
+//! op under test either an *owned* output gradient (it comes from a linear layer, so the
+//! kernels write in place) or a *shared* one (it passes through an add), so both kernel
+//! paths are checked.
+
+use actrain::compress::policy::{CompressConfig, CompressPolicy, Level};
+use actrain::ops::activation::{set_fused_cpu_kernels, GeluApprox};
+use actrain::ops::norm::{force_generic_norm_kernels, BatchNormStats};
+use actrain::ops::set_context_chunk_bytes;
+use actrain::tape::gradcheck::{max_rel_diff, random_tensor};
+use actrain::tape::{ParamStore, Tape, Value};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+
+const TOL: f64 = 1e-5;
+
+/// The forward output and the gradient of every input of `f` under `loss = Σ out ⊙ R`
+/// (`None` for an input the graph does not use).
+struct Run {
+    out: Tensor,
+    grads: Vec<Option<Tensor>>,
+}
+
+/// Which implementation a run uses.
+#[derive(Clone, Copy, Debug)]
+enum Path {
+    /// CPU kernels on, contexts read in chunks of at most `chunk` bytes.
+    Kernels { chunk: usize },
+    /// The portable candle-ops path (what CUDA runs).
+    Reference,
+}
+
+fn run(
+    path: Path,
+    level: Level,
+    inputs: &[Tensor],
+    f: &dyn Fn(&mut Tape, &[Value]) -> Result<Value>,
+) -> Result<Run> {
+    match path {
+        Path::Kernels { chunk } => {
+            set_fused_cpu_kernels(true);
+            force_generic_norm_kernels(false);
+            set_context_chunk_bytes(Some(chunk));
+        }
+        Path::Reference => {
+            set_fused_cpu_kernels(false);
+            force_generic_norm_kernels(true);
+            set_context_chunk_bytes(None);
+        }
+    }
+    let result = run_inner(level, inputs, f);
+    set_fused_cpu_kernels(true);
+    force_generic_norm_kernels(false);
+    set_context_chunk_bytes(None);
+    result
+}
+
+fn run_inner(
+    level: Level,
+    inputs: &[Tensor],
+    f: &dyn Fn(&mut Tape, &[Value]) -> Result<Value>,
+) -> Result<Run> {
+    let mut store = ParamStore::new();
+    let ids = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| store.add(format!("in{i}"), t.clone()))
+        .collect::<Result<Vec<_>>>()?;
+    let policy = CompressPolicy::new(CompressConfig {
+        level,
+        seed: 11,
+        min_elements: 0,
+        ..Default::default()
+    });
+    let mut tape = Tape::new(Box::new(policy)).with_seed(11);
+    tape.begin_step();
+    let vals: Vec<Value> = ids.iter().map(|&id| tape.param(&store, id)).collect();
+    let out = f(&mut tape, &vals)?;
+    let r = tape.constant(random_tensor(out.dims(), 99)?.to_dtype(out.dtype())?);
+    let prod = tape.mul(&out, &r)?;
+    let loss = tape.sum_all(&prod)?;
+    tape.backward(&loss, &mut store)?;
+    let grads = ids.iter().map(|&id| store.grad(id).cloned()).collect();
+    Ok(Run {
+        out: out.into_tensor(),
+        grads,
+    })
+}
+
+/// `max |a - b| / max |b|`: the difference relative to the tensor's scale (an elementwise
+/// relative error is meaningless for f32 sums that cancel to near zero).
+fn scaled_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    let a: Vec<f64> = a
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f64> = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+    a.iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+/// Runs `f` both ways (at L3, and at L0 where contexts are the tensors themselves), in f64
+/// (elementwise relative error) and in f32 (error relative to each tensor's scale), and
+/// asserts the output and every gradient agree within [`TOL`].
+fn check(what: &str, inputs: &[Tensor], f: impl Fn(&mut Tape, &[Value]) -> Result<Value>) {
+    for dtype in [DType::F64, DType::F32] {
+        let inputs: Vec<Tensor> = inputs.iter().map(|t| t.to_dtype(dtype).unwrap()).collect();
+        let diff = |a: &Tensor, b: &Tensor| match dtype {
+            DType::F64 => max_rel_diff(a, b).unwrap(),
+            _ => scaled_diff(a, b),
+        };
+        for level in [Level::L3, Level::L0] {
+            let what = format!("{what} ({level:?}, {dtype:?})");
+            // 512 bytes: a few rows per chunk for every tensor below.
+            let k = run(Path::Kernels { chunk: 512 }, level, &inputs, &f)
+                .unwrap_or_else(|e| panic!("{what}, kernels: {e:#}"));
+            let r = run(Path::Reference, level, &inputs, &f)
+                .unwrap_or_else(|e| panic!("{what}, reference: {e:#}"));
+            let d = diff(&k.out, &r.out);
+            assert!(d <= TOL, "{what}: outputs differ by {d:.2e}");
+            for (i, (a, b)) in k.grads.iter().zip(&r.grads).enumerate() {
+                match (a, b) {
+                    (Some(a), Some(b)) => {
+                        let d = diff(a, b);
+                        assert!(d <= TOL, "{what}: gradient of input {i} differs by {d:.2e}");
+                    }
+                    (None, None) => {}
+                    _ => panic!("{what}: input {i} has a gradient on one path only"),
+                }
+            }
+        }
+    }
+}
+
+fn rand32(dims: &[usize], seed: u64, scale: f64) -> Tensor {
+    (random_tensor(dims, seed).unwrap() * scale)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+/// Feeds `y` to the rest of the graph so that `y`'s gradient arrives owned (through a linear
+/// layer over the last dim, weight `w`) or shared (through an add with a constant).
+fn downstream(tape: &mut Tape, y: &Value, w: Option<&Value>) -> Result<Value> {
+    match w {
+        Some(w) => tape.linear(y, w, None),
+        None => {
+            let c = tape.constant(y.tensor().ones_like()?);
+            tape.add(y, &c)
+        }
+    }
+}
+
+#[test]
+fn batch_norm_backward_in_chunks_and_in_place_matches_candle_ops() {
+    let (n, c, h, w) = (6, 3, 5, 7);
+    let x = rand32(&[n, c, h, w], 1, 2.0);
+    let gamma = rand32(&[c], 2, 1.0);
+    let beta = rand32(&[c], 3, 1.0);
+    let wl = rand32(&[w, w], 4, 0.5);
+    for training in [true, false] {
+        for owned in [true, false] {
+            let f = move |t: &mut Tape, v: &[Value]| -> Result<Value> {
+                // A non-parameter input, so that batch norm's context is quantized at L3.
+                let xin = t.scale(&v[0], 1.5)?;
+                let dt = v[0].dtype();
+                let mut stats = BatchNormStats::new(c, dt, &Device::Cpu)?;
+                if !training {
+                    t.eval_mode();
+                    t.set_recording(true);
+                    stats.mean = rand32(&[c], 5, 0.3).to_dtype(dt)?;
+                    stats.var = (rand32(&[c], 6, 0.4) + 1.0)?.to_dtype(dt)?;
+                }
+                let y = t.batch_norm(&xin, &v[1], &v[2], &mut stats, 0.1, 1e-5)?;
+                downstream(t, &y, owned.then_some(&v[3]))
+            };
+            check(
+                &format!("batch_norm training={training} owned={owned}"),
+                &[x.clone(), gamma.clone(), beta.clone(), wl.clone()],
+                f,
+            );
+        }
+    }
+}
+
+#[test]
+fn pointwise_backward_in_chunks_and_in_place_matches_candle_ops() {
+    type Act = fn(&mut Tape, &Value) -> Result<Value>;
+    let acts: [(&str, Act); 8] = [
+        ("relu", |t, x| t.relu(x)),
+        ("leaky_relu", |t, x| t.leaky_relu(x, 0.1)),
+        ("gelu(tanh)", |t, x| t.gelu(x, GeluApprox::Tanh)),
+        ("gelu(erf)", |t, x| t.gelu(x, GeluApprox::Erf)),
+        ("silu", |t, x| t.silu(x)),
+        ("sigmoid", |t, x| t.sigmoid(x)),
+        ("tanh", |t, x| t.tanh(x)),
+        ("relu(relu)", |t, x| {
+            let h = t.relu(x)?;
+            t.relu(&h)
+        }),
+    ];
+    let x = rand32(&[5, 4, 9], 7, 3.0);
+    let wl = rand32(&[9, 9], 8, 0.5);
+    for (name, act) in acts {
+        for owned in [true, false] {
+            let f = move |t: &mut Tape, v: &[Value]| -> Result<Value> {
+                let xin = t.scale(&v[0], 1.0)?;
+                let y = act(t, &xin)?;
+                downstream(t, &y, owned.then_some(&v[1]))
+            };
+            check(
+                &format!("{name} owned={owned}"),
+                &[x.clone(), wl.clone()],
+                f,
+            );
+        }
+    }
+}
+
+#[test]
+fn linear_in_place_bias_and_chunked_weight_gradient_match_candle_ops() {
+    let x = rand32(&[6, 5, 8], 9, 1.0);
+    let w = rand32(&[7, 8], 10, 0.5);
+    let b = rand32(&[7], 11, 0.5);
+    check("linear", &[x, w, b], |t, v| {
+        let xin = t.scale(&v[0], 1.0)?;
+        t.linear(&xin, &v[1], Some(&v[2]))
+    });
+}
+
+#[test]
+fn linear_gelu_is_linear_then_gelu() {
+    let x = rand32(&[4, 6, 8], 12, 1.0);
+    let w = rand32(&[16, 8], 13, 0.5);
+    let b = rand32(&[16], 14, 0.5);
+    let w2 = rand32(&[5, 16], 15, 0.5);
+    let inputs = [x, w, b, w2];
+    for approx in [GeluApprox::Tanh, GeluApprox::Erf] {
+        for level in [Level::L0, Level::L3] {
+            let fused = run(
+                Path::Kernels { chunk: 512 },
+                level,
+                &inputs,
+                &move |t: &mut Tape, v: &[Value]| {
+                    let h = t.linear_gelu(&v[0], &v[1], Some(&v[2]), approx)?;
+                    t.linear(&h, &v[3], None)
+                },
+            )
+            .unwrap();
+            let composed = run(
+                Path::Kernels { chunk: 512 },
+                level,
+                &inputs,
+                &move |t: &mut Tape, v: &[Value]| {
+                    let h = t.linear(&v[0], &v[1], Some(&v[2]))?;
+                    let h = t.gelu(&h, approx)?;
+                    t.linear(&h, &v[3], None)
+                },
+            )
+            .unwrap();
+            // The same ops on the same values in the same order: equal to the last bit.
+            assert_eq!(
+                max_rel_diff(&fused.out, &composed.out).unwrap(),
+                0.0,
+                "{approx:?} {level:?}: outputs"
+            );
+            for (i, (a, b)) in fused.grads.iter().zip(&composed.grads).enumerate() {
+                let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+                assert_eq!(
+                    max_rel_diff(a, b).unwrap(),
+                    0.0,
+                    "{approx:?} {level:?}: gradient of input {i}"
+                );
+            }
+        }
+        check(&format!("linear_gelu {approx:?}"), &inputs, move |t, v| {
+            let h = t.linear_gelu(&v[0], &v[1], Some(&v[2]), approx)?;
+            t.linear(&h, &v[3], None)
+        });
+    }
+}
+
+#[test]
+fn gradients_meeting_at_forks_add_up_in_place() {
+    let x = rand32(&[4, 3, 8], 16, 1.0);
+    let w1 = rand32(&[8, 8], 17, 0.5);
+    let w2 = rand32(&[8, 8], 18, 0.5);
+    let w3 = rand32(&[8, 8], 19, 0.5);
+    // Three owned contributions (linear input gradients), and one shared one (an add).
+    check("fork", &[x, w1, w2, w3], |t, v| {
+        let h = t.scale(&v[0], 1.0)?;
+        let a = t.linear(&h, &v[1], None)?;
+        let b = t.linear(&h, &v[2], None)?;
+        let c = t.linear(&h, &v[3], None)?;
+        let ab = t.add(&a, &b)?;
+        let abc = t.add(&ab, &c)?;
+        let g = t.gelu(&abc, GeluApprox::Tanh)?;
+        t.add(&g, &h)
+    });
+}
+
+#[test]
+fn residual_block_matches_candle_ops() {
+    use actrain::ops::conv::Conv2dParams;
+    let x = rand32(&[4, 3, 6, 6], 20, 1.0);
+    let w1 = rand32(&[3, 3, 3, 3], 21, 0.4);
+    let w2 = rand32(&[3, 3, 3, 3], 22, 0.4);
+    let g1 = rand32(&[3], 23, 1.0);
+    let b1 = rand32(&[3], 24, 1.0);
+    check(
+        "conv-bn-relu-conv-bn-add-relu",
+        &[x, w1, w2, g1, b1],
+        |t, v| {
+            let p = Conv2dParams {
+                padding: 1,
+                ..Default::default()
+            };
+            let x = t.scale(&v[0], 1.0)?;
+            let mut s1 = BatchNormStats::new(3, v[0].dtype(), &Device::Cpu)?;
+            let mut s2 = BatchNormStats::new(3, v[0].dtype(), &Device::Cpu)?;
+            let h = t.conv2d(&x, &v[1], None, p)?;
+            let h = t.batch_norm(&h, &v[3], &v[4], &mut s1, 0.1, 1e-5)?;
+            let h = t.relu(&h)?;
+            let h = t.conv2d(&h, &v[2], None, p)?;
+            let h = t.batch_norm(&h, &v[3], &v[4], &mut s2, 0.1, 1e-5)?;
+            let y = t.add(&h, &x)?;
+            t.relu(&y)
+        },
+    );
+}
