@@ -903,11 +903,12 @@ pub fn describe_run(cfg: &MaxBatchConfig, input: &InputSpec) -> String {
         )
     };
     format!(
-        "max-batch: model {}, data {} ({what}); memory {} minus a {:.0}% margin = {} per probe; \
+        "max-batch: model {}, data {} ({what}); memory {} of the {} minus a {:.0}% margin = {} per probe; \
          {} training steps per probe, {} bits at L3/L4{}",
         cfg.model,
         cfg.data,
         human_bytes(cfg.memory_bytes),
+        memory::describe(),
         cfg.margin * 100.0,
         human_bytes(cfg.probe_budget()),
         cfg.steps,

@@ -92,8 +92,8 @@ fn print_profile(model: &str, p: &MemoryProfile) {
         Allocator::Uniform => "",
     };
     println!(
-        "\n## {model}, level {}{how}, batch {}\n",
-        p.level, p.batch_size
+        "\n## {model}, level {}{how}, batch {} ({})\n",
+        p.level, p.batch_size, p.measured_on
     );
     println!("| layer | op | shape | stored as | bits/elem | stored | uncompressed | ratio |");
     println!("|---|---|---|---|---|---|---|---|");

@@ -2,9 +2,37 @@
 //! "would not fit" into a typed error instead of an abort.
 
 pub mod counting;
+pub mod meter;
 pub mod profile;
 
-pub use counting::{current_bytes, peak_bytes, reset_peak, set_budget, CountingAlloc};
+pub use counting::CountingAlloc;
+pub use meter::{install, with_meter, HostMeter, MemoryMeter};
+
+/// Bytes live now on the active meter's device (the host heap unless a device meter is
+/// installed).
+pub fn current_bytes() -> usize {
+    with_meter(|m| m.current_bytes())
+}
+
+/// Highest [`current_bytes`] since the last [`reset_peak`].
+pub fn peak_bytes() -> usize {
+    with_meter(|m| m.peak_bytes())
+}
+
+/// Starts a new peak window at the current level.
+pub fn reset_peak() {
+    with_meter(|m| m.reset_peak())
+}
+
+/// Sets (Some) or clears (None) the budget in live bytes.
+pub fn set_budget(bytes: Option<usize>) {
+    with_meter(|m| m.set_budget(bytes))
+}
+
+/// What the figures measure ("host heap (counting allocator)").
+pub fn describe() -> String {
+    with_meter(|m| m.describe())
+}
 
 /// The process allocator: counting every byte is what makes memory figures measurements.
 #[global_allocator]
@@ -21,16 +49,20 @@ pub struct OutOfMemory {
 
 /// Returns [`OutOfMemory`] when the budget has been passed; the tape calls it at every op.
 pub fn check_budget() -> Result<(), OutOfMemory> {
-    match counting::over_budget() {
+    match with_meter(|m| m.over_budget()) {
         Some((needed, budget)) => Err(OutOfMemory { needed, budget }),
         None => Ok(()),
     }
 }
 
-/// Is this error (anywhere in its chain) an out-of-memory?
+/// Is this error (anywhere in its chain) an out-of-memory? Our budget's [`OutOfMemory`], or a
+/// device allocator's own failure as candle/cudarc report it (`CUDA_ERROR_OUT_OF_MEMORY`), so a
+/// real device running out is an outcome for max-batch like the budget is.
 pub fn is_oom(err: &anyhow::Error) -> bool {
-    err.chain()
-        .any(|e| e.downcast_ref::<OutOfMemory>().is_some())
+    err.chain().any(|e| {
+        e.downcast_ref::<OutOfMemory>().is_some()
+            || e.to_string().contains("CUDA_ERROR_OUT_OF_MEMORY")
+    })
 }
 
 /// "1.5 GiB"-style formatting for reports.
@@ -85,5 +117,18 @@ mod tests {
             .to_string()
             .contains("unknown memory unit"));
         assert!(parse_bytes("-1G").is_err());
+    }
+
+    #[test]
+    fn device_out_of_memory_is_oom() {
+        let e = anyhow::anyhow!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")")
+            .context("conv2d forward");
+        assert!(is_oom(&e));
+        assert!(!is_oom(&anyhow::anyhow!("shape mismatch")));
+        let ours = anyhow::Error::new(OutOfMemory {
+            needed: 2,
+            budget: 1,
+        });
+        assert!(is_oom(&ours.context("step 3")));
     }
 }

@@ -41,6 +41,8 @@ pub struct MemoryProfile {
     pub level: String,
     /// How the bits were chosen (the variance allocator only below 8 average bits).
     pub allocator: Allocator,
+    /// What the byte counts measure ([`super::describe`]).
+    pub measured_on: String,
     pub batch_size: usize,
     pub rows: Vec<ContextRow>,
     pub parameters: usize,
@@ -179,6 +181,7 @@ pub fn profile_step_with(
     };
     Ok(MemoryProfile {
         level: level.name(),
+        measured_on: super::describe(),
         allocator: if plan.is_some() {
             Allocator::Variance
         } else {
