@@ -202,3 +202,86 @@ fn non_finite_activation_is_an_error_naming_the_op() {
         "{msg}"
     );
 }
+
+/// A bit-packed sign mask read in row ranges (what ReLU's chunked backward does) gives the
+/// same 0/1 rows as unpacking it whole, in f32 and as `U8` bytes, for sample sizes that are
+/// not multiples of 8 or 64 (a row then starts mid-word), and rejects rows past the end.
+#[test]
+fn mask_rows_match_the_whole_unpack() {
+    use actrain::tape::{ContextPolicy, Packed, SaveAs, SaveRequest};
+    use candle_core::{DType, IndexOp};
+    let dev = Device::Cpu;
+    let mut pol = CompressPolicy::new(CompressConfig {
+        level: Level::L3,
+        min_elements: 0,
+        ..Default::default()
+    });
+    let shapes: [&[usize]; 7] = [
+        &[5, 7],
+        &[9, 3, 5],
+        &[4, 1],
+        &[3, 65],
+        &[6, 2, 2, 16],
+        &[1, 13],
+        &[11, 3, 7, 3],
+    ];
+    for (k, dims) in shapes.into_iter().enumerate() {
+        let x = Tensor::randn(0f32, 1.0, dims, &dev).unwrap();
+        let req = SaveRequest {
+            op: "relu",
+            kind: SaveAs::SignMask,
+            tensor: &x,
+            slot: k,
+            step: 0,
+            is_param: false,
+        };
+        let Packed::Compressed(c) = pol.pack(&req).unwrap() else {
+            panic!("{dims:?}: the mask was not compressed");
+        };
+        assert_eq!(c.label(), "mask1");
+        let shape = x.shape();
+        let whole = c.unpack(shape, DType::F32, &dev).unwrap();
+        let expect = x.gt(0.0).unwrap().to_dtype(DType::F32).unwrap();
+        assert_eq!(
+            whole.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            expect.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{dims:?}: whole unpack"
+        );
+        let n = dims[0];
+        for first in 0..n {
+            for count in 1..=n - first {
+                let want = whole
+                    .i(first..first + count)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let rows = c
+                    .unpack_rows(shape, DType::F32, &dev, first, count)
+                    .unwrap();
+                let mut rdims = dims.to_vec();
+                rdims[0] = count;
+                assert_eq!(rows.dims(), &rdims[..], "{dims:?} rows {first}+{count}");
+                assert_eq!(
+                    rows.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    want,
+                    "{dims:?} rows {first}+{count} (f32)"
+                );
+                let bytes = c.unpack_rows(shape, DType::U8, &dev, first, count).unwrap();
+                assert_eq!(bytes.dtype(), DType::U8);
+                let bytes: Vec<f32> = bytes
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<u8>()
+                    .unwrap()
+                    .into_iter()
+                    .map(f32::from)
+                    .collect();
+                assert_eq!(bytes, want, "{dims:?} rows {first}+{count} (u8)");
+            }
+        }
+        assert!(c.unpack_rows(shape, DType::F32, &dev, n - 1, 2).is_err());
+        assert!(c.unpack_rows(shape, DType::F32, &dev, n, 1).is_err());
+    }
+}

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// Output and (x, w, b) gradients of sum(conv(x) * r) under `policy`.
+/// Output and (x, w, b) gradients of sum(sigmoid(conv(x)) * r) under `policy`.
 fn run(x: &Tensor, w: &Tensor, b: &Tensor, p: Conv2dParams, level: Level) -> Vec<Vec<f32>> {
     let mut store = ParamStore::new();
     let ids = [
@@ -36,7 +36,10 @@ fn run(x: &Tensor, w: &Tensor, b: &Tensor, p: Conv2dParams, level: Level) -> Vec
             .unwrap(),
     );
     let out = y.tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let m = tape.mul(&y, &r).unwrap();
+    // Through a sigmoid, whose backward hands the conv an owned gradient (so the input
+    // gradient may be written into it).
+    let s = tape.sigmoid(&y).unwrap();
+    let m = tape.mul(&s, &r).unwrap();
     let loss = tape.sum_all(&m).unwrap();
     tape.backward(&loss, &mut store).unwrap();
     let mut res = vec![out];
@@ -91,6 +94,29 @@ fn chunked_convolution_equals_one_call() {
             6,
             3,
             8,
+        ),
+        // Input and output of one per-sample size: the input gradient goes into the owned
+        // output gradient's rows, chunk by chunk.
+        (
+            Conv2dParams {
+                padding: 1,
+                ..Default::default()
+            },
+            5,
+            5,
+            3,
+            7,
+        ),
+        (
+            Conv2dParams {
+                groups: 3,
+                padding: 1,
+                ..Default::default()
+            },
+            6,
+            6,
+            3,
+            5,
         ),
     ] {
         let x = Tensor::randn(0f32, 1.0, (7, cin, hw, hw), &dev).unwrap();
@@ -165,7 +191,79 @@ fn chunked_convolution_gradient_check() {
                 )
             },
         ),
+        Case::new(
+            "conv2d (chunked, input gradient in place)",
+            vec![
+                rand(&[4, 3, 5, 5], 7),
+                rand(&[3, 3, 3, 3], 8),
+                rand(&[3], 9),
+            ],
+            |t, x| {
+                let y = t.conv2d(
+                    &x[0],
+                    &x[1],
+                    Some(&x[2]),
+                    Conv2dParams {
+                        padding: 1,
+                        ..Default::default()
+                    },
+                )?;
+                // Sigmoid's backward hands the conv an owned gradient.
+                t.sigmoid(&y)
+            },
+        ),
     ];
     run_cases("conv chunked", cases);
     set_workspace_bytes(16 << 20);
+}
+
+/// A stride-1 3x3 convolution with as many output channels as input channels, its batch in
+/// several chunks, writes the input gradient into its (owned) output gradient: its backward
+/// node allocates well under one more layer-sized tensor.
+#[test]
+fn same_size_input_gradient_is_written_in_place() {
+    use actrain::memory::{current_bytes, peak_bytes, reset_peak};
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (n, c, hw) = (32, 16, 32);
+    let layer = n * c * hw * hw * 4; // 2 MiB
+    let x = Tensor::randn(0f32, 1.0, (n, c, hw, hw), &Device::Cpu).unwrap();
+    let w = Tensor::randn(0f32, 0.1, (c, c, 3, 3), &Device::Cpu).unwrap();
+    let mut store = ParamStore::new();
+    let wid = store.add("w", w).unwrap();
+    let xid = store.add("x", x).unwrap();
+    // 1 MiB of im2col workspace: a few samples per chunk.
+    set_workspace_bytes(1 << 20);
+    let mut tape = Tape::new(Box::new(CompressPolicy::new(CompressConfig {
+        level: Level::L0,
+        ..Default::default()
+    })));
+    tape.begin_step();
+    let xv = tape.param(&store, xid);
+    let xin = tape.scale(&xv, 1.0).unwrap();
+    let wv = tape.param(&store, wid);
+    let p = Conv2dParams {
+        padding: 1,
+        ..Default::default()
+    };
+    let y = tape.conv2d(&xin, &wv, None, p).unwrap();
+    // ReLU's backward hands the conv an owned gradient.
+    let y = tape.relu(&y).unwrap();
+    let loss = tape.sum_all(&y).unwrap();
+    let mut last = current_bytes();
+    let mut conv_extra = None;
+    reset_peak();
+    tape.backward_with(&loss, &mut store, |prog| {
+        if prog.op == "conv2d" {
+            conv_extra = Some(peak_bytes().saturating_sub(last));
+        }
+        last = current_bytes();
+        reset_peak();
+    })
+    .unwrap();
+    set_workspace_bytes(16 << 20);
+    let extra = conv_extra.expect("the conv node ran");
+    assert!(
+        extra < layer * 3 / 4,
+        "conv backward allocated {extra} bytes beyond its output gradient (layer {layer})"
+    );
 }

@@ -239,6 +239,50 @@ fn pointwise_backward_in_chunks_and_in_place_matches_candle_ops() {
     }
 }
 
+/// ReLU / LeakyReLU backward reading a bit-packed mask a few rows at a time (down to one
+/// row per chunk) into an owned or a shared gradient, for per-sample sizes that are not
+/// multiples of 8 (rows start mid-byte and mid-word), against the portable path that unpacks
+/// the mask whole.
+#[test]
+fn relu_mask_backward_in_row_chunks_matches_the_whole_mask() {
+    type Act = fn(&mut Tape, &Value) -> Result<Value>;
+    let acts: [(&str, Act); 3] = [
+        ("relu", |t, x| t.relu(x)),
+        ("leaky_relu", |t, x| t.leaky_relu(x, 0.1)),
+        ("leaky_relu(1.5)", |t, x| t.leaky_relu(x, 1.5)),
+    ];
+    let shapes: [&[usize]; 4] = [&[7, 3, 5], &[4, 13], &[9, 2, 7, 5], &[3, 67]];
+    for (k, dims) in shapes.into_iter().enumerate() {
+        let x = rand32(dims, 20 + k as u64, 2.0);
+        let last = *dims.last().unwrap();
+        let wl = rand32(&[last, last], 30 + k as u64, 0.5);
+        for (name, act) in acts {
+            for owned in [true, false] {
+                let f = move |t: &mut Tape, v: &[Value]| -> Result<Value> {
+                    let xin = t.scale(&v[0], 1.0)?;
+                    let y = act(t, &xin)?;
+                    downstream(t, &y, owned.then_some(&v[1]))
+                };
+                for level in [Level::L3, Level::L0] {
+                    let inputs = [x.clone(), wl.clone()];
+                    let r = run(Path::Reference, level, &inputs, &f).unwrap();
+                    // 1 byte: one row per chunk; 40: a few rows; whole: one chunk.
+                    for chunk in [1, 40, 1 << 20] {
+                        let what = format!("{name} {dims:?} owned={owned} {level:?} chunk {chunk}");
+                        let kr = run(Path::Kernels { chunk }, level, &inputs, &f).unwrap();
+                        assert_eq!(scaled_diff(&kr.out, &r.out), 0.0, "{what}: output");
+                        // The input's gradient is the mask product itself: exact. The
+                        // linear weight's gradient may sum in another order.
+                        let (a, b) = (kr.grads[0].as_ref().unwrap(), r.grads[0].as_ref().unwrap());
+                        let d = scaled_diff(a, b);
+                        assert!(d <= TOL, "{what}: input gradient differs by {d:.2e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn linear_in_place_bias_and_chunked_weight_gradient_match_candle_ops() {
     let x = rand32(&[6, 5, 8], 9, 1.0);

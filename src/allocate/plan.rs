@@ -24,7 +24,7 @@
 //! allocation is re-solved at `begin_step` whenever the sensitivities or the set/sizes of the
 //! quantized slots changed, so the budget always holds for the step's actual tensors.
 
-use super::analytic::noise_energy;
+use super::analytic::{amplification, analytic_sensitivity, noise_energy_per_sample};
 use super::sensitivity::{
     estimate_randomized, estimate_slots, flat_grad, NumericalConfig, Sampling, SlotProbe,
 };
@@ -34,7 +34,7 @@ use crate::compress::policy::{BitPlan, CompressConfig, CompressPolicy, LADDER};
 use crate::compress::DEFAULT_GROUP;
 use crate::model::Model;
 use crate::ops::loss::CrossEntropyOptions;
-use crate::tape::{ParamId, SaveRequest, Tape};
+use crate::tape::{GradObservation, ParamId, SaveRequest, Tape};
 use anyhow::{anyhow, bail, Result};
 use candle_core::Tensor;
 use std::cell::RefCell;
@@ -125,8 +125,11 @@ struct Slot {
     /// Size guessed from a probe pass (batch-scaled) before any training step saw the slot.
     probe_elements: usize,
     sensitivity: Option<f64>,
-    /// Analytic: noise energy gathered this step.
-    energy: Option<f64>,
+    /// Analytic: per-sample rounding-noise energy gathered at save time this step.
+    energy: Option<Vec<f64>>,
+    /// Analytic: `factor · Σ_n ‖dY_n‖² E_n` accumulated over this step's backward (a context
+    /// read by several nodes adds up), see [`super::analytic`].
+    grad: Option<f64>,
     bits: Option<u8>,
 }
 
@@ -491,7 +494,8 @@ pub struct SlotState {
     pub seen_step: u64,
     pub probe_elements: usize,
     pub sensitivity: Option<f64>,
-    pub energy: Option<f64>,
+    pub energy: Option<Vec<f64>>,
+    pub grad: Option<f64>,
     pub bits: Option<u8>,
 }
 
@@ -520,7 +524,8 @@ impl VariancePlan {
                     seen_step: sl.seen_step,
                     probe_elements: sl.probe_elements,
                     sensitivity: sl.sensitivity,
-                    energy: sl.energy,
+                    energy: sl.energy.clone(),
+                    grad: sl.grad,
                     bits: sl.bits,
                 })
                 .collect(),
@@ -579,7 +584,8 @@ impl VariancePlan {
                 seen_step: sl.seen_step,
                 probe_elements: sl.probe_elements,
                 sensitivity: sl.sensitivity,
-                energy: sl.energy,
+                energy: sl.energy.clone(),
+                grad: sl.grad,
                 bits: sl.bits,
             })
             .collect();
@@ -604,6 +610,15 @@ fn intern_op(name: &str) -> &'static str {
     let leaked: &'static str = Box::leak(name.to_string().into_boxed_str());
     set.insert(leaked);
     leaked
+}
+
+/// `(slot, elements)` pairs.
+type SlotSizes = Vec<(usize, usize)>;
+
+/// Ops whose saved input the analytic (ActNN) model covers: its noise enters the weight
+/// gradient through `dY` directly ([`super::analytic::amplification`]).
+fn has_analytic_model(op: &str) -> bool {
+    matches!(op, "conv2d" | "linear" | "matmul")
 }
 
 /// The most precise rung within the budget (what `UniformPlan` gives every tensor).
@@ -671,16 +686,36 @@ impl State {
         // A slot the estimator has not seen yet (it appeared after the estimate) counts as
         // average: neither starved nor favoured until the next estimate.
         let mean = known.iter().sum::<f64>() / known.len() as f64;
-        let costs: Vec<TensorCost> = set
+        // The analytic model covers linear/conv contexts only (ActNN's derivation); every
+        // other tensor keeps the uniform rung and the rest of the budget goes to those.
+        let analytic = matches!(self.estimator, Estimator::Analytic { .. });
+        let (free, fixed): (SlotSizes, SlotSizes) = set
+            .iter()
+            .partition(|&&(i, _)| !analytic || has_analytic_model(self.slots[i].op));
+        let total: f64 = set.iter().map(|&(_, d)| d as f64).sum();
+        let fixed_bits: f64 = fixed
+            .iter()
+            .map(|&(_, d)| d as f64 * self.uniform as f64)
+            .sum();
+        let free_elems: f64 = free.iter().map(|&(_, d)| d as f64).sum();
+        let free_avg = if free_elems > 0.0 {
+            (self.avg_bits * total - fixed_bits) / free_elems
+        } else {
+            self.avg_bits
+        };
+        let costs: Vec<TensorCost> = free
             .iter()
             .map(|&(i, d)| TensorCost {
                 elements: d,
                 sensitivity: self.slots[i].sensitivity.unwrap_or(mean),
             })
             .collect();
-        let alloc = solve(&costs, self.avg_bits);
-        for (&(i, _), &b) in set.iter().zip(&alloc.bits) {
+        let alloc = solve(&costs, free_avg);
+        for (&(i, _), &b) in free.iter().zip(&alloc.bits) {
             self.slots[i].bits = Some(b);
+        }
+        for &(i, _) in &fixed {
+            self.slots[i].bits = Some(self.uniform);
         }
         self.solved_for = set;
         let dt = t0.elapsed().as_secs_f64();
@@ -724,7 +759,7 @@ impl BitPlan for VariancePlan {
         };
         let energy = if gather {
             let t0 = Instant::now();
-            let e = noise_energy(req.tensor, group).ok();
+            let e = noise_energy_per_sample(req.tensor, group).ok();
             let dt = t0.elapsed().as_secs_f64();
             s.stats.last_estimate_seconds += dt;
             s.stats.total_estimate_seconds += dt;
@@ -743,6 +778,27 @@ impl BitPlan for VariancePlan {
         slot.bits.unwrap_or(uniform)
     }
 
+    fn wants_output_grads(&self) -> bool {
+        self.state.try_borrow().is_ok_and(|s| s.gather_energy)
+    }
+
+    fn observe_output_grad(&mut self, obs: &GradObservation) {
+        let Ok(mut s) = self.state.try_borrow_mut() else {
+            return;
+        };
+        let t0 = Instant::now();
+        if let Some(sl) = s.slots.get_mut(obs.slot) {
+            if let Some(energy) = &sl.energy {
+                let factor = amplification(obs.op, obs.saved_shape, obs.input_shapes);
+                let c = analytic_sensitivity(energy, obs.per_sample_sq, factor);
+                sl.grad = Some(sl.grad.unwrap_or(0.0) + c);
+            }
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        s.stats.last_estimate_seconds += dt;
+        s.stats.total_estimate_seconds += dt;
+    }
+
     fn begin_step(&mut self, step: u64) {
         let Ok(mut s) = self.state.try_borrow_mut() else {
             return;
@@ -751,7 +807,10 @@ impl BitPlan for VariancePlan {
             // The analytic estimate gathered during the previous step becomes the plan.
             let w = s.smoothing;
             for sl in &mut s.slots {
-                if let Some(e) = sl.energy.take() {
+                if sl.energy.take().is_some() {
+                    // No output gradient reached the node: its noise cannot reach the
+                    // parameter gradient either.
+                    let e = sl.grad.take().unwrap_or(0.0);
                     sl.sensitivity = Some(match sl.sensitivity {
                         Some(old) if w > 0.0 => w * old + (1.0 - w) * e,
                         _ => e,

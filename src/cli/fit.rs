@@ -91,6 +91,11 @@ pub struct FitArgs {
     /// Steps between bit re-allocations (variance allocator).
     #[arg(long, default_value_t = 200)]
     pub reallocate_every: u64,
+    /// Sensitivities for the variance allocator: numerical (GACT-style extra passes on 8
+    /// samples, the default) or analytic (ActNN's model for linear/conv inputs, read off a
+    /// training step at no extra passes; other tensors keep the uniform rung).
+    #[arg(long, default_value = "numerical")]
+    pub estimator: String,
     /// Directory for config.json, metrics.jsonl and checkpoints.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -175,6 +180,10 @@ impl FitArgs {
             exclude_ops: self.exclude_ops.clone(),
             variance_allocator,
             reallocate_every: self.reallocate_every,
+            estimator: self
+                .estimator
+                .parse()
+                .with_context(|| format!("--estimator `{}`", self.estimator))?,
             out,
             resume: self.resume.clone(),
         })

@@ -122,6 +122,52 @@ impl BitMask {
         Ok(())
     }
 
+    /// Expands bits `start..start + out.len()` to `if_set` / `if_clear` per element: a row
+    /// range of a mask saved per sample (`start` need not be a multiple of 64), so a chunked
+    /// backward reads only its rows. Errors if the range runs past `len()`.
+    pub fn select_range_into<T: Copy + Send + Sync>(
+        &self,
+        start: usize,
+        out: &mut [T],
+        if_set: T,
+        if_clear: T,
+    ) -> Result<(), QuantError> {
+        let end = start.saturating_add(out.len());
+        if end > self.len {
+            return Err(QuantError::LenMismatch {
+                expected: self.len.saturating_sub(start),
+                got: out.len(),
+            });
+        }
+        let words = &self.words;
+        // Elements `[0, os.len())` of `os` are bits `first..` of the mask.
+        let expand = |os: &mut [T], first: usize| {
+            let mut bit = first;
+            let mut w = if os.is_empty() {
+                0
+            } else {
+                words[bit / 64] >> (bit % 64)
+            };
+            for o in os.iter_mut() {
+                *o = if w & 1 == 1 { if_set } else { if_clear };
+                bit += 1;
+                if bit.is_multiple_of(64) {
+                    w = words.get(bit / 64).copied().unwrap_or(0);
+                } else {
+                    w >>= 1;
+                }
+            }
+        };
+        if out.len() <= cpu::PAR_MIN_ELEMS {
+            expand(out, start);
+        } else {
+            out.par_chunks_mut(MASK_CHUNK_WORDS * 64)
+                .enumerate()
+                .for_each(|(i, os)| expand(os, start + i * MASK_CHUNK_WORDS * 64));
+        }
+        Ok(())
+    }
+
     /// [`Self::to_f32_into`] into a new vector.
     pub fn to_f32_vec(&self) -> Vec<f32> {
         let mut out = vec![0.0; self.len];
@@ -270,6 +316,29 @@ mod tests {
         assert_eq!(m.get(131), None);
         // high bits of the last word are zero
         assert_eq!(m.words()[2] >> 3, 0);
+    }
+
+    #[test]
+    fn mask_range_matches_get() {
+        let x: Vec<f32> = (0..300).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
+        let m = BitMask::positive(&x);
+        for (start, n) in [
+            (0, 300),
+            (1, 63),
+            (63, 2),
+            (64, 64),
+            (5, 200),
+            (299, 1),
+            (300, 0),
+        ] {
+            let mut out = vec![9u8; n];
+            m.select_range_into(start, &mut out, 1, 0).unwrap();
+            for (j, &o) in out.iter().enumerate() {
+                assert_eq!(o == 1, m.get(start + j).unwrap(), "start {start} j {j}");
+            }
+        }
+        let mut out = vec![0u8; 2];
+        assert!(m.select_range_into(299, &mut out, 1, 0).is_err());
     }
 
     #[test]

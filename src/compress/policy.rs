@@ -8,7 +8,7 @@
 use super::{
     dequantize, dequantize_samples, quantize, BitMask, PackedUints, QuantParams, QuantizedTensor,
 };
-use crate::tape::{ContextPolicy, Packed, PackedContext, SaveAs, SaveRequest};
+use crate::tape::{ContextPolicy, GradObservation, Packed, PackedContext, SaveAs, SaveRequest};
 use anyhow::{bail, Context as _, Result};
 use candle_core::{DType, Device, Shape, Storage, Tensor};
 
@@ -78,6 +78,13 @@ pub trait BitPlan {
     /// Bits (one of [`LADDER`]) for the tensor saved at `slot` this step.
     fn bits_for(&mut self, req: &SaveRequest) -> u8;
     fn begin_step(&mut self, _step: u64) {}
+    /// Whether this step's backward should report output-gradient norms (analytic
+    /// sensitivities); the tape skips the extra pass over the gradients otherwise.
+    fn wants_output_grads(&self) -> bool {
+        false
+    }
+    /// The node that saved a slot received its output gradient ([`GradObservation`]).
+    fn observe_output_grad(&mut self, _obs: &GradObservation) {}
 }
 
 /// Every tensor gets the same rung: the most precise one within the average budget.
@@ -155,6 +162,14 @@ impl CompressPolicy {
 impl ContextPolicy for CompressPolicy {
     fn begin_step(&mut self, step: u64) {
         self.plan.begin_step(step);
+    }
+
+    fn wants_output_grads(&self) -> bool {
+        self.cfg.level.compresses() && self.plan.wants_output_grads()
+    }
+
+    fn observe_output_grad(&mut self, obs: &GradObservation) {
+        self.plan.observe_output_grad(obs);
     }
 
     fn pack(&mut self, req: &SaveRequest) -> Result<Packed> {
@@ -268,11 +283,78 @@ impl PackedContext for QuantContext {
     }
 }
 
+/// Label of [`MaskContext`] in reports.
+const MASK_LABEL: &str = "mask1";
+
+/// A sign mask, one bit per element in the input's row-major order (so the bits of sample
+/// `n` of a `[N, ..]` tensor are the contiguous range `n * row_len..(n + 1) * row_len`).
+/// Unpacks to 0/1 of the requested dtype; asked for `U8` it gives 0/1 bytes directly (a
+/// chunked backward then holds one byte per element of its chunk, no float mask).
 struct MaskContext(BitMask);
+
+impl MaskContext {
+    /// Bits `start..start + shape.elem_count()` as a 0/1 tensor of `shape`.
+    fn expand(&self, start: usize, shape: Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+        let n = shape.elem_count();
+        let t = if dtype == DType::U8 {
+            let mut out = vec![0u8; n];
+            self.0
+                .select_range_into(start, &mut out, 1, 0)
+                .context("unpacking a saved mask")?;
+            Tensor::from_vec(out, shape, &Device::Cpu)?
+        } else {
+            let mut out = vec![0f32; n];
+            self.0
+                .select_range_into(start, &mut out, 1.0, 0.0)
+                .context("unpacking a saved mask")?;
+            return tensor_from_f32(out, &shape, dtype, device);
+        };
+        Ok(if device.is_cpu() {
+            t
+        } else {
+            t.to_device(device)?
+        })
+    }
+}
+
+/// Whether `c` is a bit-packed sign mask ([`MaskContext`]), whose `unpack_rows` expands only
+/// the rows asked for (so reading it in row chunks costs no more than reading it whole).
+pub(crate) fn is_bit_mask(c: &dyn PackedContext) -> bool {
+    c.label() == MASK_LABEL
+}
 
 impl PackedContext for MaskContext {
     fn unpack(&self, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
-        tensor_from_f32(self.0.to_f32_vec(), shape, dtype, device)
+        if shape.elem_count() != self.0.len() {
+            bail!(
+                "saved mask holds {} bits, asked for shape {shape:?}",
+                self.0.len()
+            );
+        }
+        self.expand(0, shape.clone(), dtype, device)
+    }
+    fn unpack_rows(
+        &self,
+        shape: &Shape,
+        dtype: DType,
+        device: &Device,
+        first: usize,
+        count: usize,
+    ) -> Result<Tensor> {
+        let Some((&rows, rest)) = shape.dims().split_first() else {
+            return Ok(self.unpack(shape, dtype, device)?.narrow(0, first, count)?);
+        };
+        if first + count > rows || shape.elem_count() != self.0.len() {
+            bail!(
+                "saved mask of shape {shape:?} ({} bits): rows {first}..{} asked for",
+                self.0.len(),
+                first + count
+            );
+        }
+        let row_len: usize = rest.iter().product();
+        let mut dims = shape.dims().to_vec();
+        dims[0] = count;
+        self.expand(first * row_len, Shape::from_dims(&dims), dtype, device)
     }
     fn stored_bytes(&self) -> usize {
         self.0.stored_bytes()
@@ -281,7 +363,7 @@ impl PackedContext for MaskContext {
         (self.0.stored_bytes() * 8) as f32 / self.0.len().max(1) as f32
     }
     fn label(&self) -> String {
-        "mask1".into()
+        MASK_LABEL.into()
     }
 }
 

@@ -5,15 +5,17 @@
 //! a single loop) where the tensors are contiguous f32/f64, and the equivalent chain of
 //! candle ops elsewhere (CUDA, other dtypes, strided layouts). On the CPU the backward writes
 //! into the output gradient itself when the tape hands it over as owned, reading the saved
-//! context in row chunks ([`chunked_zip`]); ReLU multiplies the gradient into its freshly
-//! unpacked mask ([`mask_grad`]). [`Tape::linear_gelu`] computes an MLP's GELU into the
-//! linear layer's output buffer.
+//! context in row chunks ([`chunked_zip`]); ReLU and LeakyReLU read their sign mask straight
+//! from the saved input (L0) or a bit-packed mask in row chunks of 0/1 bytes
+//! ([`chunked_mask`]), never as a layer-sized float mask. [`Tape::linear_gelu`] computes an
+//! MLP's GELU into the linear layer's output buffer.
 //!
 //! This file also holds the small CPU-kernel toolkit the other ops of this family (dropout,
 //! softmax, cross-entropy) share: [`Real`], [`CpuView`], [`cpu_map`], [`cpu_zip`], [`cpu_rows`],
 //! and the in-place helpers ([`zip_in_place`], [`map_in_place`], [`add_bias_rows`]).
 
-use crate::tape::{Grad, SaveAs, Saved, Tape, Value};
+use crate::compress::policy::is_bit_mask;
+use crate::tape::{Grad, Packed, SaveAs, Saved, Tape, Value};
 use anyhow::{bail, Result};
 use candle_core::{
     CpuStorage, DType, Device, InplaceOp1, InplaceOp2, Layout, Storage, StorageRef, Tensor,
@@ -41,8 +43,7 @@ impl Tape {
         }
         let m = self.save("relu", x, SaveAs::SignMask)?;
         self.record_grad("relu", &[x], y, move |g, _| {
-            let gx = mask_grad(m.load_owned()?, g.tensor(), 1.0, 0.0)?;
-            Ok(vec![Some(Grad::owned(gx))])
+            Ok(vec![Some(mask_backward(&m, g, 1.0, 0.0)?)])
         })
     }
 
@@ -69,8 +70,7 @@ impl Tape {
         }
         let m = self.save("leaky_relu", x, SaveAs::SignMask)?;
         self.record_grad("leaky_relu", &[x], y, move |g, _| {
-            let gx = mask_grad(m.load_owned()?, g.tensor(), 1.0 - slope, slope)?;
-            Ok(vec![Some(Grad::owned(gx))])
+            Ok(vec![Some(mask_backward(&m, g, 1.0 - slope, slope)?)])
         })
     }
 
@@ -211,6 +211,142 @@ fn gelu_backward(cx: &Saved, g: Grad, approx: GeluApprox) -> Result<Grad> {
         GeluApprox::Erf => pointwise_backward(cx, g, &GeluErfGrad, |x, g| {
             Ok(g.mul(&gelu_erf_derivative(x)?)?)
         }),
+    }
+}
+
+/// `g * (m * mul + add)`, `m` the sign mask saved by ReLU / LeakyReLU: on the CPU through
+/// [`chunked_mask`] (in place into an owned `g`), elsewhere by unpacking the mask whole
+/// ([`mask_grad`]).
+fn mask_backward(m: &Saved, g: Grad, mul: f64, add: f64) -> Result<Grad> {
+    match chunked_mask(m, &g, mul, add)? {
+        Some(ZipOut::InPlace) => Ok(Grad::owned(g.into_tensor())),
+        Some(ZipOut::New(t)) => Ok(Grad::owned(t)),
+        None => Ok(Grad::owned(mask_grad(
+            m.load_owned()?,
+            g.tensor(),
+            mul,
+            add,
+        )?)),
+    }
+}
+
+/// `g * (m * mul + add)` for a sign mask `m` saved with [`SaveAs::SignMask`], on the CPU
+/// without a float mask: a context kept as it is (L0) is the forward input itself, read
+/// whole as `x > 0`; a bit-packed mask ([`is_bit_mask`]) is expanded a row chunk at a time
+/// into 0/1 bytes ([`crate::ops::CONTEXT_CHUNK_BYTES`] of them at most). The result goes into
+/// `g`'s own buffer when `g` is owned, else into one new buffer. Contiguous f32/f64 gradients
+/// only; `Ok(None)`, with `g` untouched, where it does not apply (another device, another
+/// mask format).
+pub(crate) fn chunked_mask(m: &Saved, g: &Grad, mul: f64, add: f64) -> Result<Option<ZipOut>> {
+    let gt = g.tensor();
+    let applies = fused_cpu_kernels()
+        && m.shape() == gt.shape()
+        && gt.rank() > 0
+        && gt.device().is_cpu()
+        && gt.is_contiguous()
+        && matches!(gt.dtype(), DType::F32 | DType::F64);
+    if !applies {
+        return Ok(None);
+    }
+    let scale = MaskScale { mul, add };
+    match &m.0.packed {
+        Packed::Full(x) => {
+            let sign = SignScale(&scale);
+            if x.dtype() != gt.dtype() || !x.device().is_cpu() || !x.is_contiguous() {
+                return Ok(None);
+            }
+            if g.is_owned() {
+                gt.inplace_op2(x, &ZipInPlace(&Swap(&sign)))?;
+                return Ok(Some(ZipOut::InPlace));
+            }
+            Ok(cpu_zip(x, gt, &sign)?.map(ZipOut::New))
+        }
+        Packed::Compressed(c) if is_bit_mask(c.as_ref()) => {
+            let rows = m.rows();
+            let n = gt.elem_count();
+            if rows == 0 || !n.is_multiple_of(rows) {
+                return Ok(None);
+            }
+            let row_len = n / rows;
+            let chunk = super::chunk_rows_for(rows, row_len);
+            let load = |first: usize, count: usize| -> Result<Tensor> {
+                c.unpack_rows(m.shape(), DType::U8, &Device::Cpu, first, count)
+            };
+            // An owned gradient takes the product in place; a shared one is copied once
+            // into the new buffer that then takes it (the copy is the result, no more).
+            let (dst, out) = if g.is_owned() {
+                (gt.clone(), ZipOut::InPlace)
+            } else {
+                let t = gt.copy()?;
+                (t.clone(), ZipOut::New(t))
+            };
+            let op = MaskInPlace(&scale);
+            let mut first = 0;
+            while first < rows {
+                let count = chunk.min(rows - first);
+                let bits = load(first, count)?;
+                dst.narrow(0, first, count)?.inplace_op2(&bits, &op)?;
+                first += count;
+            }
+            Ok(Some(out))
+        }
+        Packed::Compressed(_) => Ok(None),
+    }
+}
+
+/// `g * ((x > 0) * mul + add)` for the forward input `x` (as `apply(x, g)`), the same
+/// arithmetic as [`MaskScale`] on a 0/1 mask.
+struct SignScale<'a>(&'a MaskScale);
+
+impl Pointwise for SignScale<'_> {
+    #[inline(always)]
+    fn apply<T: Real>(&self, x: T, g: T) -> T {
+        let m = if x > T::c(0.0) { T::c(1.0) } else { T::c(0.0) };
+        self.0.apply(m, g)
+    }
+}
+
+/// `dst[i] = dst[i] * (m[i] * mul + add)` in place, `dst` an f32/f64 gradient chunk the
+/// caller owns and `m` its 0/1 `U8` mask chunk (both contiguous, one length).
+struct MaskInPlace<'a>(&'a MaskScale);
+
+impl MaskInPlace<'_> {
+    fn run<T: Real>(&self, dst: &mut [T], m: &[u8]) {
+        dst.par_chunks_mut(PAR_CHUNK)
+            .zip(m.par_chunks(PAR_CHUNK))
+            .for_each(|(d, m)| {
+                for (d, &b) in d.iter_mut().zip(m) {
+                    let mv = if b != 0 { T::c(1.0) } else { T::c(0.0) };
+                    *d = self.0.apply(mv, *d);
+                }
+            });
+    }
+}
+
+impl InplaceOp2 for MaskInPlace<'_> {
+    fn name(&self) -> &'static str {
+        "mask_in_place"
+    }
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dl: &Layout,
+        src: &CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<()> {
+        let (Some((d0, d1)), Some((s0, s1))) = (dl.contiguous_offsets(), sl.contiguous_offsets())
+        else {
+            candle_core::bail!("mask_in_place: both operands must be contiguous");
+        };
+        if d1 - d0 != s1 - s0 {
+            candle_core::bail!("mask_in_place: {} vs {} elements", d1 - d0, s1 - s0);
+        }
+        match (dst, src) {
+            (CpuStorage::F32(d), CpuStorage::U8(s)) => self.run(&mut d[d0..d1], &s[s0..s1]),
+            (CpuStorage::F64(d), CpuStorage::U8(s)) => self.run(&mut d[d0..d1], &s[s0..s1]),
+            _ => candle_core::bail!("mask_in_place: needs an f32/f64 gradient and a u8 mask"),
+        }
+        Ok(())
     }
 }
 

@@ -3,7 +3,10 @@
 //! Forward is candle's `conv2d`. Backward: the input gradient is a transposed convolution of
 //! the output gradient with the weight (one per group: candle's `conv_transpose2d` has no
 //! groups), the weight gradient a convolution of the input with the output gradient as kernel
-//! — all groups in one grouped `conv2d` by moving the batch into the channel dim.
+//! — all groups in one grouped `conv2d` by moving the batch into the channel dim. Where the
+//! input and output have one per-sample size and the output gradient is owned, the input
+//! gradient is written into the output gradient's rows chunk by chunk (after the weight
+//! gradient, which reads all of it).
 
 use crate::tape::{Grad, SaveAs, Tape, Value};
 use anyhow::{bail, Result};
@@ -277,53 +280,98 @@ impl Tape {
         let x_sample_bytes = cin * h * wd * elem;
         let g_sample_bytes = cout * oh * ow * elem;
         self.record_grad(op, &inputs, y, move |g, needs| {
+            let owned = g.is_owned();
             let g = g.into_tensor();
-            let gx = match (&cw, needs[0]) {
-                (Some(cw), true) => {
-                    let w = cw.load()?;
-                    let chunk = chunk_rows(n, cols_out);
-                    Some(chunked_rows(n, chunk, &g, &[cin, h, wd], |s, len| {
-                        conv2d_grad_input(&g.narrow(0, s, len)?, &w, h, wd, p)
-                    })?)
-                }
-                _ => None,
-            };
             let gb = if needs.len() == 3 && needs[2] {
                 Some(g.sum((0, 2, 3))?)
             } else {
                 None
             };
-            let gw = match (&cx, needs[1]) {
-                (Some(cx), true) => {
-                    // Sum of per-chunk weight gradients; each chunk of the (possibly
-                    // quantized) input is unpacked on its own. Besides the unfolded columns,
-                    // a chunk holds its unpacked input, candle's reordered copy of it and a
-                    // copy of its output gradient (the weight-gradient convolution's kernel):
-                    // for a 1x1 kernel those, not the columns, are what grows with the chunk.
-                    let per_sample = cols_in.max(2 * x_sample_bytes + g_sample_bytes);
-                    let chunk = chunk_rows(n, per_sample);
-                    let mut acc: Option<Tensor> = None;
-                    let mut s = 0;
-                    while s < n {
-                        let len = chunk.min(n - s);
-                        let xs = if len == n {
-                            cx.load()?
-                        } else {
-                            cx.load_rows(s, len)?
-                        };
-                        let part = conv2d_grad_weight(&xs, &g.narrow(0, s, len)?, kh, kw, p)?;
-                        acc = Some(match acc {
-                            None => part,
-                            Some(a) => (a + part)?,
-                        });
-                        s += len;
-                    }
-                    acc
+            let gx_chunk = chunk_rows(n, cols_out);
+            let want_gx = cw.is_some() && needs[0];
+            let want_gw = cx.is_some() && needs[1];
+            // Which gradient to compute first: the one computed second is held while the
+            // other's chunks (unpacked input, unfolded columns) come and go, so the smaller
+            // result goes first — the weight gradient, except where the weight outweighs
+            // the whole input gradient (512-channel layers at a small batch).
+            let gw_first =
+                !want_gw || cout * (cin / p.groups) * kh * kw * elem < n * x_sample_bytes;
+            // With the weight gradient done, an owned output gradient of the input's
+            // per-sample size (a 3x3 conv with padding 1, stride 1, Cin = Cout) takes the
+            // input gradient chunk by chunk in its own rows: chunk `s..s+len` reads only
+            // those rows of `g`, so the rows after it are still intact. That saves one
+            // layer-sized buffer where the batch runs in several chunks (in one chunk the
+            // result exists whole beside `g` anyway).
+            let in_place = want_gx
+                && gw_first
+                && owned
+                && gx_chunk < n
+                && x_sample_bytes == g_sample_bytes
+                && g.is_contiguous();
+            let weight_grad = || -> Result<Option<Tensor>> {
+                let Some(cx) = cx.as_ref().filter(|_| want_gw) else {
+                    return Ok(None);
+                };
+                // Sum of per-chunk weight gradients; each chunk of the (possibly quantized)
+                // input is unpacked on its own. Besides the unfolded columns, a chunk holds
+                // its unpacked input, candle's reordered copy of it and a copy of its output
+                // gradient (the weight-gradient convolution's kernel): for a 1x1 kernel
+                // those, not the columns, are what grows with the chunk.
+                let per_sample = cols_in.max(2 * x_sample_bytes + g_sample_bytes);
+                let chunk = chunk_rows(n, per_sample);
+                let mut acc: Option<Tensor> = None;
+                let mut s = 0;
+                while s < n {
+                    let len = chunk.min(n - s);
+                    let xs = if len == n {
+                        cx.load()?
+                    } else {
+                        cx.load_rows(s, len)?
+                    };
+                    let part = conv2d_grad_weight(&xs, &g.narrow(0, s, len)?, kh, kw, p)?;
+                    acc = Some(match acc {
+                        None => part,
+                        Some(a) => (a + part)?,
+                    });
+                    s += len;
                 }
-                _ => None,
+                Ok(acc)
+            };
+            let input_grad = || -> Result<Option<Tensor>> {
+                let Some(cw) = cw.as_ref().filter(|_| want_gx) else {
+                    return Ok(None);
+                };
+                let w = cw.load()?;
+                let grad_input =
+                    |s: usize, len: usize| conv2d_grad_input(&g.narrow(0, s, len)?, &w, h, wd, p);
+                if !in_place {
+                    return Ok(Some(chunked_rows(
+                        n,
+                        gx_chunk,
+                        &g,
+                        &[cin, h, wd],
+                        grad_input,
+                    )?));
+                }
+                let gx = g.reshape((n, cin, h, wd))?;
+                let mut s = 0;
+                while s < n {
+                    let len = gx_chunk.min(n - s);
+                    gx.slice_set(&grad_input(s, len)?.contiguous()?, 0, s)?;
+                    s += len;
+                }
+                Ok(Some(gx))
+            };
+            let (gx, gw) = if gw_first {
+                let gw = weight_grad()?;
+                (input_grad()?, gw)
+            } else {
+                let gx = input_grad()?;
+                (gx, weight_grad()?)
             };
             drop(g);
-            // New tensors (the input gradient a convolution's output or the chunks' buffer).
+            // New tensors (the input gradient a convolution's output, the chunks' buffer, or
+            // the owned output gradient's storage, of which `g` was the last other handle).
             let mut grads = vec![gx.map(Grad::owned), gw.map(Grad::owned)];
             if let Some(gb) = gb {
                 grads.push(Some(Grad::owned(gb)));

@@ -91,11 +91,30 @@ pub struct SaveRequest<'a> {
     pub is_param: bool,
 }
 
+/// In backward, the output gradient of a node that saved `slot` (analytic sensitivities:
+/// ActNN weighs a context's rounding noise by how strongly the gradient reads it).
+pub struct GradObservation<'a> {
+    pub slot: usize,
+    pub op: &'static str,
+    /// Shape of the saved tensor.
+    pub saved_shape: &'a [usize],
+    /// Shapes of the node's inputs (a conv's weight gives its kernel taps).
+    pub input_shapes: &'a [Shape],
+    /// `‖dY_n‖²` per sample of the output gradient (one entry for a tensor without a batch).
+    pub per_sample_sq: &'a [f64],
+}
+
 /// Decides how each saved tensor is stored. The compression module implements levels L0..L4.
 pub trait ContextPolicy {
     fn pack(&mut self, req: &SaveRequest) -> Result<Packed>;
     /// Called once per step before the forward pass (allocators re-plan here).
     fn begin_step(&mut self, _step: u64) {}
+    /// Whether this step's backward should call [`ContextPolicy::observe_output_grad`]; the
+    /// tape skips the pass over the gradients otherwise.
+    fn wants_output_grads(&self) -> bool {
+        false
+    }
+    fn observe_output_grad(&mut self, _obs: &GradObservation) {}
 }
 
 /// Stores every context as it is: the fp32 baseline (L0), and what gradient checks use.
@@ -168,13 +187,14 @@ impl Saved {
     /// rather than whole: true for a tensor kept as it is (a row range is a view) and for a
     /// compressed activation of rank > 1 (the compression policy quantizes those per sample,
     /// so a chunk dequantizes only its rows; a [`PackedContext`] without its own
-    /// `unpack_rows` is still correct, only slower). False for compressed masks and indices,
-    /// whose formats unpack whole.
+    /// `unpack_rows` is still correct, only slower), and for a sign mask of rank > 1 (its
+    /// bits are laid out per sample, so a row range expands only those bits). False for
+    /// packed indices, whose format unpacks whole.
     pub fn loads_rows_cheaply(&self) -> bool {
         let e = &*self.0;
         match (&e.packed, e.kind) {
             (Packed::Full(_), _) => true,
-            (Packed::Compressed(_), SaveAs::Activation) => e.shape.rank() > 1,
+            (Packed::Compressed(_), SaveAs::Activation | SaveAs::SignMask) => e.shape.rank() > 1,
             _ => false,
         }
     }

@@ -18,7 +18,8 @@ pub mod gradcheck;
 pub mod params;
 
 pub use context::{
-    ContextPolicy, ContextRecord, KeepPolicy, Packed, PackedContext, SaveAs, SaveRequest, Saved,
+    ContextPolicy, ContextRecord, GradObservation, KeepPolicy, Packed, PackedContext, SaveAs,
+    SaveRequest, Saved,
 };
 pub use params::{Param, ParamId, ParamStore};
 
@@ -141,10 +142,15 @@ struct Node {
     /// `needs[i]`: input i is tracked, so its gradient is wanted.
     needs: Vec<bool>,
     backward: Rule,
+    /// `(slot, shape)` of the contexts this node's op saved through the policy (what
+    /// [`ContextPolicy::observe_output_grad`] reports on).
+    slots: Vec<(usize, Vec<usize>)>,
 }
 
 pub struct Tape {
     nodes: Vec<Node>,
+    /// Policy-packed saves since the last recorded node: they belong to the next one.
+    unclaimed_slots: Vec<(usize, Vec<usize>)>,
     next_id: u64,
     recording: bool,
     training: bool,
@@ -170,6 +176,7 @@ impl Tape {
     pub fn new(policy: Box<dyn ContextPolicy>) -> Self {
         Self {
             nodes: Vec::new(),
+            unclaimed_slots: Vec::new(),
             next_id: 0,
             recording: true,
             training: true,
@@ -226,6 +233,7 @@ impl Tape {
     /// and lets the policy re-plan.
     pub fn begin_step(&mut self) {
         self.nodes.clear();
+        self.unclaimed_slots.clear();
         self.dedup.clear();
         self.param_of.clear();
         self.records.clear();
@@ -326,6 +334,7 @@ impl Tape {
         let packed = if is_param || kind == SaveAs::Exact {
             Packed::Full(t.clone())
         } else {
+            self.unclaimed_slots.push((self.slot, t.dims().to_vec()));
             self.policy
                 .pack(&req)
                 .with_context(|| format!("saving the context of op `{op}`"))?
@@ -488,6 +497,7 @@ impl Tape {
                 ..out
             });
         }
+        let slots = std::mem::take(&mut self.unclaimed_slots);
         self.nodes.push(Node {
             op,
             output: out.id,
@@ -495,6 +505,7 @@ impl Tape {
             input_shapes: inputs.iter().map(|v| v.shape().clone()).collect(),
             needs: inputs.iter().map(|v| v.tracked).collect(),
             backward,
+            slots,
         });
         Ok(out)
     }
@@ -539,6 +550,7 @@ impl Tape {
         let result = self.run_backward(loss, params, &mut after_node);
         // Whatever happened, nothing of this step's graph may outlive backward.
         self.nodes.clear();
+        self.unclaimed_slots.clear();
         self.dedup.clear();
         self.param_of.clear();
         result
@@ -563,12 +575,25 @@ impl Tape {
                 input_shapes,
                 needs,
                 backward,
+                slots,
             } = node;
             let Some(grad_out) = frontier.remove(&output) else {
                 drop(backward);
                 self.report(op, &frontier, after_node);
                 continue;
             };
+            if !slots.is_empty() && self.policy.wants_output_grads() {
+                let per_sample_sq = per_sample_sq_norms(grad_out.tensor())?;
+                for (slot, shape) in &slots {
+                    self.policy.observe_output_grad(&GradObservation {
+                        slot: *slot,
+                        op,
+                        saved_shape: shape,
+                        input_shapes: &input_shapes,
+                        per_sample_sq: &per_sample_sq,
+                    });
+                }
+            }
             let grads: Vec<Option<Grad>> = match backward {
                 Rule::Plain(f) => f(grad_out.into_tensor(), &needs)
                     .with_context(|| format!("backward of op `{op}`"))?
@@ -625,6 +650,29 @@ impl Tape {
             frontier_bytes: frontier.values().map(Grad::bytes).sum(),
         });
     }
+}
+
+/// `Σ g[n, ..]²` per sample (dim 0), in f64; one entry for a tensor of rank ≤ 1.
+fn per_sample_sq_norms(g: &Tensor) -> Result<Vec<f64>> {
+    let n = if g.rank() <= 1 { 1 } else { g.dims()[0] };
+    if g.dtype() == candle_core::DType::F32 && n > 0 {
+        if let (candle_core::Storage::Cpu(cpu), Some((a, b))) =
+            (&*g.storage_and_layout().0, g.layout().contiguous_offsets())
+        {
+            let x = &cpu.as_slice::<f32>()?[a..b];
+            let len = x.len() / n;
+            return Ok(x
+                .chunks(len.max(1))
+                .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum())
+                .collect());
+        }
+    }
+    let g = g.to_dtype(candle_core::DType::F64)?;
+    if g.rank() <= 1 {
+        return Ok(vec![g.sqr()?.sum_all()?.to_scalar::<f64>()?]);
+    }
+    let n = g.dims()[0];
+    Ok(g.reshape((n, ()))?.sqr()?.sum(1)?.to_vec1::<f64>()?)
 }
 
 /// The sum of two gradient contributions to one value (a fork): written into whichever is

@@ -49,12 +49,20 @@ pub struct FitConfig {
     pub variance_allocator: bool,
     /// Steps between re-allocations.
     pub reallocate_every: u64,
+    /// Where the allocator's sensitivities come from (numerical GACT-style passes, or the
+    /// analytic ActNN model read off the training step itself).
+    #[serde(serialize_with = "estimator_name")]
+    pub estimator: Estimator,
     pub out: Option<PathBuf>,
     pub resume: Option<PathBuf>,
 }
 
 fn level_name<S: serde::Serializer>(l: &Level, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&l.name())
+}
+
+fn estimator_name<S: serde::Serializer>(e: &Estimator, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(e.name())
 }
 
 impl Default for FitConfig {
@@ -85,6 +93,7 @@ impl Default for FitConfig {
             exclude_ops: Vec::new(),
             variance_allocator: true,
             reallocate_every: 200,
+            estimator: Estimator::numerical(),
             out: None,
             resume: None,
         }
@@ -360,7 +369,7 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
         Some(VariancePlan::new(
             cfg.level.avg_bits(),
             cfg.reallocate_every,
-            Estimator::numerical(),
+            cfg.estimator.clone(),
         )?)
     } else {
         None
