@@ -218,6 +218,10 @@ fn bad_inputs_are_clear_errors() {
             vec!["bad-model.toml", "`x`", "`out`"],
         ),
         (vec!["--level".into(), "L9".into()], vec!["--level", "L9"]),
+        (
+            vec!["--estimator".into(), "guess".into()],
+            vec!["--estimator", "guess"],
+        ),
         (vec!["--bits".into(), "0.5".into()], vec!["--bits"]),
         (
             vec!["--device".into(), "cuda:0".into()],

@@ -421,6 +421,13 @@ fn flag_errors_name_the_flag() {
     assert!(e.contains("--memory"), "{e}");
     assert_eq!(parse_memory_flag(Some("2GiB")).unwrap(), 2 << 30);
 
+    let e = "greedy".parse::<Allocator>().unwrap_err().to_string();
+    assert!(e.contains("--allocator") && e.contains("greedy"), "{e}");
+    assert_eq!(
+        "Variance".parse::<Allocator>().unwrap(),
+        Allocator::Variance
+    );
+
     let e = parse_levels_flag("L0,L9").unwrap_err().to_string();
     assert!(e.contains("--levels") && e.contains("L9"), "{e}");
     assert!(parse_levels_flag("").is_err());

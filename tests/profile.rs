@@ -2,7 +2,7 @@
 //! exact tensor sizes, and L3's activations are a fraction of L0's.
 
 use actrain::compress::policy::Level;
-use actrain::memory::profile::profile_step;
+use actrain::memory::profile::{profile_step, MemoryProfile};
 use actrain::model::{load_def, random_batch, InputSpec, Model, ModelDef};
 use std::sync::Mutex;
 
@@ -106,6 +106,15 @@ op = "linear"
 out = "classes"
 "#;
 
+/// Peak of `phase` above the steady state, in units of `unit` bytes.
+fn phase_peak(p: &MemoryProfile, phase: &str, unit: f64) -> f64 {
+    p.phases
+        .iter()
+        .find(|ph| ph.phase == phase)
+        .map(|ph| ph.peak_bytes as f64 / unit)
+        .unwrap_or_else(|| panic!("no {phase} phase in the profile"))
+}
+
 /// Issue #5 ("peak under control"): at L3 the fp32 temporaries of a step, not the saved
 /// context, set the peak. Pins the forward and backward peaks above the steady state (they
 /// include the saved context and, in backward, the parameter gradients) in units of one
@@ -138,14 +147,10 @@ fn l3_step_transients_stay_within_a_few_layer_sizes() {
     let p = profile_step(&mut model, Level::L3, &x, &y, 1);
     actrain::ops::conv::set_workspace_bytes(16 << 20);
     let p = p.unwrap();
-    let phase = |name: &str| {
-        p.phases
-            .iter()
-            .find(|ph| ph.phase == name)
-            .map(|ph| ph.peak_bytes as f64 / layer)
-            .unwrap()
-    };
-    let (fwd, bwd) = (phase("forward"), phase("backward"));
+    let (fwd, bwd) = (
+        phase_peak(&p, "forward", layer),
+        phase_peak(&p, "backward", layer),
+    );
     println!("L3 transients: forward {fwd:.2} L, backward {bwd:.2} L");
     assert!(
         fwd <= 4.5,
@@ -215,14 +220,10 @@ fn l3_transformer_step_transients_stay_within_a_few_hidden_sizes() {
     let (x, y) = random_batch(&spec, batch, 5).unwrap();
     let mut model = Model::build(&def, &spec, 1).unwrap();
     let p = profile_step(&mut model, Level::L3, &x, &y, 1).unwrap();
-    let phase = |name: &str| {
-        p.phases
-            .iter()
-            .find(|ph| ph.phase == name)
-            .map(|ph| ph.peak_bytes as f64 / hidden)
-            .unwrap()
-    };
-    let (fwd, bwd) = (phase("forward"), phase("backward"));
+    let (fwd, bwd) = (
+        phase_peak(&p, "forward", hidden),
+        phase_peak(&p, "backward", hidden),
+    );
     println!("L3 transients: forward {fwd:.2} H, backward {bwd:.2} H");
     assert!(
         fwd <= 2.85,

@@ -334,16 +334,10 @@ impl InplaceOp2 for MaskInPlace<'_> {
         src: &CpuStorage,
         sl: &Layout,
     ) -> candle_core::Result<()> {
-        let (Some((d0, d1)), Some((s0, s1))) = (dl.contiguous_offsets(), sl.contiguous_offsets())
-        else {
-            candle_core::bail!("mask_in_place: both operands must be contiguous");
-        };
-        if d1 - d0 != s1 - s0 {
-            candle_core::bail!("mask_in_place: {} vs {} elements", d1 - d0, s1 - s0);
-        }
+        let (dr, sr) = super::inplace_ranges("mask_in_place", dl, sl, true)?;
         match (dst, src) {
-            (CpuStorage::F32(d), CpuStorage::U8(s)) => self.run(&mut d[d0..d1], &s[s0..s1]),
-            (CpuStorage::F64(d), CpuStorage::U8(s)) => self.run(&mut d[d0..d1], &s[s0..s1]),
+            (CpuStorage::F32(d), CpuStorage::U8(s)) => self.run(&mut d[dr], &s[sr]),
+            (CpuStorage::F64(d), CpuStorage::U8(s)) => self.run(&mut d[dr], &s[sr]),
             _ => candle_core::bail!("mask_in_place: needs an f32/f64 gradient and a u8 mask"),
         }
         Ok(())
@@ -806,16 +800,10 @@ impl<P: Pointwise> InplaceOp2 for ZipInPlace<'_, P> {
         src: &CpuStorage,
         sl: &Layout,
     ) -> candle_core::Result<()> {
-        let (Some((d0, d1)), Some((s0, s1))) = (dl.contiguous_offsets(), sl.contiguous_offsets())
-        else {
-            candle_core::bail!("zip_in_place: both operands must be contiguous");
-        };
-        if d1 - d0 != s1 - s0 {
-            candle_core::bail!("zip_in_place: {} vs {} elements", d1 - d0, s1 - s0);
-        }
+        let (dr, sr) = super::inplace_ranges("zip_in_place", dl, sl, true)?;
         match (dst, src) {
-            (CpuStorage::F32(d), CpuStorage::F32(s)) => self.run(&mut d[d0..d1], &s[s0..s1]),
-            (CpuStorage::F64(d), CpuStorage::F64(s)) => self.run(&mut d[d0..d1], &s[s0..s1]),
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => self.run(&mut d[dr], &s[sr]),
+            (CpuStorage::F64(d), CpuStorage::F64(s)) => self.run(&mut d[dr], &s[sr]),
             _ => candle_core::bail!("zip_in_place: needs two f32 or two f64 tensors"),
         }
         Ok(())
@@ -884,20 +872,17 @@ impl InplaceOp2 for AddRowsInPlace {
         src: &CpuStorage,
         sl: &Layout,
     ) -> candle_core::Result<()> {
-        let (Some((d0, d1)), Some((s0, s1))) = (dl.contiguous_offsets(), sl.contiguous_offsets())
-        else {
-            candle_core::bail!("add_rows_in_place: both operands must be contiguous");
-        };
-        let cols = s1 - s0;
-        if cols == 0 || (d1 - d0) % cols != 0 {
+        let (dr, sr) = super::inplace_ranges("add_rows_in_place", dl, sl, false)?;
+        let cols = sr.len();
+        if cols == 0 || (dr.len()) % cols != 0 {
             candle_core::bail!(
                 "add_rows_in_place: {} elements are not rows of {cols}",
-                d1 - d0
+                dr.len()
             );
         }
         match (dst, src) {
-            (CpuStorage::F32(d), CpuStorage::F32(s)) => Self::run(&mut d[d0..d1], &s[s0..s1]),
-            (CpuStorage::F64(d), CpuStorage::F64(s)) => Self::run(&mut d[d0..d1], &s[s0..s1]),
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => Self::run(&mut d[dr], &s[sr]),
+            (CpuStorage::F64(d), CpuStorage::F64(s)) => Self::run(&mut d[dr], &s[sr]),
             _ => candle_core::bail!("add_rows_in_place: needs two f32 or two f64 tensors"),
         }
         Ok(())

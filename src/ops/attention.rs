@@ -493,16 +493,13 @@ impl candle_core::InplaceOp2 for SoftmaxBackwardInPlace {
         sl: &candle_core::Layout,
     ) -> candle_core::Result<()> {
         use candle_core::CpuStorage as C;
-        let (Some((d0, d1)), Some((s0, s1))) = (dl.contiguous_offsets(), sl.contiguous_offsets())
-        else {
-            candle_core::bail!("softmax_backward_in_place: operands must be contiguous");
-        };
-        if d1 - d0 != s1 - s0 || (d1 - d0) % self.0.tk.max(1) != 0 {
+        let (dr, sr) = super::inplace_ranges("softmax_backward_in_place", dl, sl, true)?;
+        if (dr.len()) % self.0.tk.max(1) != 0 {
             candle_core::bail!("softmax_backward_in_place: shapes differ");
         }
         match (dst, src) {
-            (C::F32(d), C::F32(s)) => self.run(&mut d[d0..d1], &s[s0..s1]),
-            (C::F64(d), C::F64(s)) => self.run(&mut d[d0..d1], &s[s0..s1]),
+            (C::F32(d), C::F32(s)) => self.run(&mut d[dr], &s[sr]),
+            (C::F64(d), C::F64(s)) => self.run(&mut d[dr], &s[sr]),
             _ => candle_core::bail!("softmax_backward_in_place: needs f32 or f64"),
         }
         Ok(())

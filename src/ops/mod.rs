@@ -18,7 +18,8 @@ pub mod softmax;
 pub mod sparse;
 
 use anyhow::Result;
-use candle_core::{Shape, Tensor};
+use candle_core::{Layout, Shape, Tensor};
+use std::ops::Range;
 
 /// Bytes of unpacked context a backward rule holds at once when it reads a saved tensor in
 /// row chunks ([`Saved::load_rows`](crate::tape::Saved::load_rows)): small next to a layer's
@@ -70,4 +71,22 @@ pub fn sum_to_shape(g: &Tensor, shape: &Shape) -> Result<Tensor> {
         g = g.sum_keepdim(keep)?;
     }
     Ok(g)
+}
+
+/// The element ranges `(dst, src)` of an in-place CPU op's two operands, which must both be
+/// contiguous (an error naming `op` otherwise); with `same_len`, also of equal length.
+pub(crate) fn inplace_ranges(
+    op: &str,
+    dl: &Layout,
+    sl: &Layout,
+    same_len: bool,
+) -> candle_core::Result<(Range<usize>, Range<usize>)> {
+    let (Some((d0, d1)), Some((s0, s1))) = (dl.contiguous_offsets(), sl.contiguous_offsets())
+    else {
+        candle_core::bail!("{op}: both operands must be contiguous");
+    };
+    if same_len && d1 - d0 != s1 - s0 {
+        candle_core::bail!("{op}: {} vs {} elements", d1 - d0, s1 - s0);
+    }
+    Ok((d0..d1, s0..s1))
 }

@@ -405,16 +405,10 @@ impl candle_core::InplaceOp2 for BnGx {
         sl: &Layout,
     ) -> candle_core::Result<()> {
         use candle_core::CpuStorage as C;
-        let (Some((d0, d1)), Some((s0, s1))) = (dl.contiguous_offsets(), sl.contiguous_offsets())
-        else {
-            candle_core::bail!("batch_norm backward: operands must be contiguous");
-        };
-        if d1 - d0 != s1 - s0 {
-            candle_core::bail!("batch_norm backward: {} vs {} elements", d1 - d0, s1 - s0);
-        }
+        let (dr, sr) = super::inplace_ranges("batch_norm backward", dl, sl, true)?;
         match (dst, src) {
-            (C::F32(d), C::F32(x)) => self.apply(&mut d[d0..d1], &x[s0..s1]),
-            (C::F64(d), C::F64(x)) => self.apply(&mut d[d0..d1], &x[s0..s1]),
+            (C::F32(d), C::F32(x)) => self.apply(&mut d[dr], &x[sr]),
+            (C::F64(d), C::F64(x)) => self.apply(&mut d[dr], &x[sr]),
             _ => candle_core::bail!("batch_norm backward: needs f32 or f64"),
         }
         Ok(())

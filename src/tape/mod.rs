@@ -334,7 +334,10 @@ impl Tape {
         let packed = if is_param || kind == SaveAs::Exact {
             Packed::Full(t.clone())
         } else {
-            self.unclaimed_slots.push((self.slot, t.dims().to_vec()));
+            // Only while the policy gathers output-gradient norms (an analytic estimate).
+            if self.policy.wants_output_grads() {
+                self.unclaimed_slots.push((self.slot, t.dims().to_vec()));
+            }
             self.policy
                 .pack(&req)
                 .with_context(|| format!("saving the context of op `{op}`"))?
