@@ -4,7 +4,7 @@
 
 mod common;
 use actrain::compress::policy::{CompressConfig, CompressPolicy, Level};
-use actrain::ops::conv::{set_workspace_bytes, Conv2dParams};
+use actrain::ops::conv::{set_workspace_bytes, Conv2dParams, DEFAULT_WORKSPACE_BYTES};
 use actrain::tape::{ParamStore, Tape};
 use candle_core::{Device, Tensor};
 use common::{rand, run_cases, Case};
@@ -128,7 +128,7 @@ fn chunked_convolution_equals_one_call() {
             // A workspace of one byte: every sample is its own chunk.
             set_workspace_bytes(1);
             let chunked = run(&x, &w, &b, p, level);
-            set_workspace_bytes(16 << 20);
+            set_workspace_bytes(DEFAULT_WORKSPACE_BYTES);
             for (i, (a, c)) in whole.iter().zip(&chunked).enumerate() {
                 let scale = a.iter().fold(0f32, |m, u| m.max(u.abs())).max(1e-6);
                 let worst = a
@@ -214,7 +214,7 @@ fn chunked_convolution_gradient_check() {
         ),
     ];
     run_cases("conv chunked", cases);
-    set_workspace_bytes(16 << 20);
+    set_workspace_bytes(DEFAULT_WORKSPACE_BYTES);
 }
 
 /// A stride-1 3x3 convolution with as many output channels as input channels, its batch in
@@ -260,7 +260,7 @@ fn same_size_input_gradient_is_written_in_place() {
         reset_peak();
     })
     .unwrap();
-    set_workspace_bytes(16 << 20);
+    set_workspace_bytes(DEFAULT_WORKSPACE_BYTES);
     let extra = conv_extra.expect("the conv node ran");
     assert!(
         extra < layer * 3 / 4,

@@ -394,3 +394,70 @@ fn residual_block_matches_candle_ops() {
         },
     );
 }
+
+/// The forward ops that take their input by value (`conv2d_owned`, `batch_norm_owned`,
+/// `relu_owned`, `add_owned`) write their output over it at L3, where the contexts are
+/// compressed copies — the convolution chunk by chunk (a tiny workspace makes every sample a
+/// chunk) — and must compute exactly what the ordinary ops compute; at L0, where the
+/// contexts are the tensors themselves, they must leave them alone. The stride-2 block with
+/// a projection shortcut also checks the convolution that adds its input gradient into the
+/// one the shortcut already gathered.
+#[test]
+fn residual_blocks_written_in_place_match_candle_ops() {
+    use actrain::ops::conv::{set_workspace_bytes, Conv2dParams, DEFAULT_WORKSPACE_BYTES};
+    let x = rand32(&[4, 3, 6, 6], 30, 1.0);
+    let w1 = rand32(&[3, 3, 3, 3], 31, 0.4);
+    let w2 = rand32(&[3, 3, 3, 3], 32, 0.4);
+    let w3 = rand32(&[6, 3, 3, 3], 33, 0.4);
+    let w4 = rand32(&[6, 3, 1, 1], 34, 0.4);
+    let g1 = rand32(&[3], 35, 1.0);
+    let b1 = rand32(&[3], 36, 1.0);
+    let g2 = rand32(&[6], 37, 1.0);
+    let b2 = rand32(&[6], 38, 1.0);
+    set_workspace_bytes(1024);
+    check(
+        "identity block in place, then a stride-2 block",
+        &[x, w1, w2, g1, b1, w3, w4, g2, b2],
+        |t, v| {
+            let p = Conv2dParams {
+                padding: 1,
+                ..Default::default()
+            };
+            let stats = |c| BatchNormStats::new(c, v[0].dtype(), &Device::Cpu);
+            let (mut s1, mut s2, mut s3, mut s4) = (stats(3)?, stats(3)?, stats(6)?, stats(6)?);
+            let x = t.scale(&v[0], 1.0)?;
+            // Identity block: only the block input is shared (with the shortcut).
+            let h = t.conv2d(&x, &v[1], None, p)?;
+            let h = t.batch_norm_owned(h, &v[3], &v[4], &mut s1, 0.1, 1e-5)?;
+            let h = t.relu_owned(h)?;
+            let h = t.conv2d_owned(h, &v[2], None, p)?;
+            let h = t.batch_norm_owned(h, &v[3], &v[4], &mut s2, 0.1, 1e-5)?;
+            let y = t.add_owned(h, &x)?;
+            drop(x);
+            let x = t.relu_owned(y)?;
+            // Stride-2 block with a 1x1 projection shortcut, recorded after the main branch
+            // so that backward reaches the shortcut first.
+            let s2p = Conv2dParams {
+                padding: 1,
+                stride: 2,
+                ..Default::default()
+            };
+            let h = t.conv2d(&x, &v[5], None, s2p)?;
+            let h = t.batch_norm_owned(h, &v[7], &v[8], &mut s3, 0.1, 1e-5)?;
+            let h = t.relu_owned(h)?;
+            let sc = t.conv2d(
+                &x,
+                &v[6],
+                None,
+                Conv2dParams {
+                    stride: 2,
+                    ..Default::default()
+                },
+            )?;
+            let sc = t.batch_norm_owned(sc, &v[7], &v[8], &mut s4, 0.1, 1e-5)?;
+            let y = t.add_owned(h, &sc)?;
+            t.relu_owned(y)
+        },
+    );
+    set_workspace_bytes(DEFAULT_WORKSPACE_BYTES);
+}

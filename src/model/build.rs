@@ -545,21 +545,36 @@ impl Model {
 
 /// conv → batch norm (→ ReLU) on `x`, which is dropped (freed if this was its last holder)
 /// once the conv has read it, like each intermediate once the next op has read it.
+///
+/// `x_alone`: no other handle of `x` exists (not a block input the shortcut still needs), so
+/// the conv may write its output over it; the conv's and the batch norm's outputs are this
+/// function's alone, so batch norm and ReLU may too (each only where no context holds its
+/// input as it is, i.e. at L1–L4: see [`Tape::may_overwrite`]).
+#[allow(clippy::too_many_arguments)]
 fn conv_bn(
     tape: &mut Tape,
     store: &mut ParamStore,
     x: Value,
+    x_alone: bool,
     p: &[ParamId],
     stride: usize,
     padding: usize,
     relu: bool,
 ) -> Result<Value> {
-    let c = conv(tape, store, &x, p[0], stride, padding)?;
-    drop(x);
-    let b = batch_norm(tape, store, &c, &p[1..5], 0.1, 1e-5)?;
-    drop(c);
+    let w = tape.param(store, p[0]);
+    let cp = Conv2dParams {
+        stride,
+        padding,
+        ..Default::default()
+    };
+    let c = if x_alone {
+        tape.conv2d_owned(x, &w, None, cp)?
+    } else {
+        tape.conv2d(&x, &w, None, cp)?
+    };
+    let b = batch_norm(tape, store, c, true, &p[1..5], 0.1, 1e-5)?;
     if relu {
-        tape.relu(&b)
+        tape.relu_owned(b)
     } else {
         Ok(b)
     }
@@ -578,21 +593,22 @@ fn residual_block(
     bottleneck: bool,
 ) -> Result<Value> {
     let (h, used) = if bottleneck {
-        let h = conv_bn(tape, store, x.clone(), &p[0..5], 1, 0, true)?;
-        let h = conv_bn(tape, store, h, &p[5..10], stride, 1, true)?;
-        (conv_bn(tape, store, h, &p[10..15], 1, 0, false)?, 15)
+        let h = conv_bn(tape, store, x.clone(), false, &p[0..5], 1, 0, true)?;
+        let h = conv_bn(tape, store, h, true, &p[5..10], stride, 1, true)?;
+        (conv_bn(tape, store, h, true, &p[10..15], 1, 0, false)?, 15)
     } else {
-        let h = conv_bn(tape, store, x.clone(), &p[0..5], stride, 1, true)?;
-        (conv_bn(tape, store, h, &p[5..10], 1, 1, false)?, 10)
+        let h = conv_bn(tape, store, x.clone(), false, &p[0..5], stride, 1, true)?;
+        (conv_bn(tape, store, h, true, &p[5..10], 1, 1, false)?, 10)
     };
     let shortcut = if p.len() > used {
-        conv_bn(tape, store, x, &p[used..used + 5], stride, 0, false)?
+        conv_bn(tape, store, x, false, &p[used..used + 5], stride, 0, false)?
     } else {
         x
     };
-    let y = tape.add(&h, &shortcut)?;
-    drop((h, shortcut));
-    tape.relu(&y)
+    // `h` is the main branch's own output: the sum and the ReLU may take its buffer.
+    let y = tape.add_owned(h, &shortcut)?;
+    drop(shortcut);
+    tape.relu_owned(y)
 }
 
 fn attention_params(b: &mut Builder, name: &str, d: usize) -> Result<Vec<ParamId>> {
@@ -635,10 +651,12 @@ pub(crate) fn op_name(op: &LayerOp) -> &'static str {
 }
 
 /// Batch norm with its running statistics read from and written back to the store.
+/// `x_alone`: the caller holds no other handle of `x`, so the output may take its buffer.
 fn batch_norm(
     tape: &mut Tape,
     store: &mut ParamStore,
-    x: &Value,
+    x: Value,
+    x_alone: bool,
     p: &[ParamId],
     momentum: f64,
     eps: f64,
@@ -648,31 +666,14 @@ fn batch_norm(
         mean: store.value(p[2]).clone(),
         var: store.value(p[3]).clone(),
     };
-    let y = tape.batch_norm(x, &g, &b, &mut stats, momentum, eps)?;
+    let y = if x_alone {
+        tape.batch_norm_owned(x, &g, &b, &mut stats, momentum, eps)?
+    } else {
+        tape.batch_norm(&x, &g, &b, &mut stats, momentum, eps)?
+    };
     store.set_value(p[2], stats.mean);
     store.set_value(p[3], stats.var);
     Ok(y)
-}
-
-fn conv(
-    tape: &mut Tape,
-    store: &ParamStore,
-    x: &Value,
-    w: ParamId,
-    stride: usize,
-    padding: usize,
-) -> Result<Value> {
-    let w = tape.param(store, w);
-    tape.conv2d(
-        x,
-        &w,
-        None,
-        Conv2dParams {
-            stride,
-            padding,
-            ..Default::default()
-        },
-    )
 }
 
 fn mha(
@@ -736,7 +737,9 @@ fn run_layer(
             };
             tape.conv2d(x, &w, b.as_ref(), cp)?
         }
-        LayerOp::BatchNorm { momentum, eps } => batch_norm(tape, store, x, p, *momentum, *eps)?,
+        LayerOp::BatchNorm { momentum, eps } => {
+            batch_norm(tape, store, x.clone(), false, p, *momentum, *eps)?
+        }
         LayerOp::LayerNorm { eps } => {
             let (g, b) = (param(tape, store, 0), param(tape, store, 1));
             tape.layer_norm(x, g.as_ref(), b.as_ref(), *eps)?

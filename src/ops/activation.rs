@@ -47,6 +47,24 @@ impl Tape {
         })
     }
 
+    /// [`Tape::relu`] of a value handed over by the caller, which keeps no other handle or
+    /// view of it: where no context holds `x` as it is (L1–L4, see [`Tape::may_overwrite`])
+    /// the result is written into `x`'s own buffer, so the step holds one tensor, not two.
+    pub fn relu_owned(&mut self, x: Value) -> Result<Value> {
+        if !self.needs_grad(&[&x]) {
+            return self.relu(&x);
+        }
+        let m = self.save("relu", &x, SaveAs::SignMask)?;
+        let y = if self.may_overwrite(&x, &[&m]) && map_in_place(x.tensor(), &Relu)? {
+            x.tensor().clone()
+        } else {
+            x.tensor().relu()?
+        };
+        self.record_grad("relu", &[&x], y, move |g, _| {
+            Ok(vec![Some(mask_backward(&m, g, 1.0, 0.0)?)])
+        })
+    }
+
     /// `x` where `x > 0`, else `slope * x`. Context: `x` as a sign mask, like ReLU:
     /// backward is `g * (mask * (1 - slope) + slope)`.
     pub fn leaky_relu(&mut self, x: &Value, slope: f64) -> Result<Value> {
@@ -540,6 +558,18 @@ fn gelu_erf_derivative(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Forward kernels: the same formulas, in the same order, as candle's unary ops.
+struct Relu;
+impl Unary for Relu {
+    #[inline(always)]
+    fn apply<T: Real>(&self, v: T) -> T {
+        if v > T::c(0.0) {
+            v
+        } else {
+            T::c(0.0)
+        }
+    }
+}
+
 struct GeluTanh;
 impl Unary for GeluTanh {
     #[inline(always)]

@@ -175,11 +175,11 @@ fn conv2d_grad_weight(
     Ok(gw.contiguous()?)
 }
 
-/// Bytes of im2col workspace one convolution call may use (default 16 MiB). candle's CPU conv unfolds the
+/// Bytes of im2col workspace one convolution call may use (default 8 MiB). candle's CPU conv unfolds the
 /// input into `Cin·kh·kw × OH·OW` columns per sample — 9x the input for a 3x3 kernel — and the
 /// weight gradient does the same; over a whole batch that workspace, not the saved context,
 /// would dominate peak memory. Larger batches run in chunks of samples instead.
-const DEFAULT_WORKSPACE_BYTES: usize = 16 << 20;
+pub const DEFAULT_WORKSPACE_BYTES: usize = 8 << 20;
 static WORKSPACE_BYTES: AtomicUsize = AtomicUsize::new(DEFAULT_WORKSPACE_BYTES);
 
 /// Sets the per-call im2col workspace (process-wide); smaller means more, smaller chunks.
@@ -233,6 +233,32 @@ impl Tape {
         b: Option<&Value>,
         p: Conv2dParams,
     ) -> Result<Value> {
+        self.conv2d_impl(x, w, b, p, false)
+    }
+
+    /// [`Tape::conv2d`] of an input handed over by the caller, which keeps no other handle or
+    /// view of it. Where no context holds `x` as it is (L1–L4, see [`Tape::may_overwrite`]),
+    /// the output has the input's per-sample size (3x3, stride 1, padding 1, `Cin = Cout`) and
+    /// the batch runs in several chunks, each chunk's output is written over the rows of `x`
+    /// it was computed from, which nothing reads again: the layer costs one buffer, not two.
+    pub fn conv2d_owned(
+        &mut self,
+        x: Value,
+        w: &Value,
+        b: Option<&Value>,
+        p: Conv2dParams,
+    ) -> Result<Value> {
+        self.conv2d_impl(&x, w, b, p, true)
+    }
+
+    fn conv2d_impl(
+        &mut self,
+        x: &Value,
+        w: &Value,
+        b: Option<&Value>,
+        p: Conv2dParams,
+        owned: bool,
+    ) -> Result<Value> {
         let op = "conv2d";
         if x.dtype() != w.dtype() || b.is_some_and(|b| b.dtype() != x.dtype()) {
             bail!(
@@ -250,37 +276,72 @@ impl Tape {
         let cols_in = cin * kh * kw * oh * ow * elem;
         // The input gradient unfolds the output gradient over the input's positions.
         let cols_out = cout * kh * kw * x.dims()[2] * x.dims()[3] * elem;
-        let (xt, wt) = (x.tensor(), w.tensor());
-        let mut y = chunked_rows(n, chunk_rows(n, cols_in), xt, &[cout, oh, ow], |s, len| {
-            Ok(xt
-                .narrow(0, s, len)?
-                .conv2d(wt, p.padding, p.stride, p.dilation, p.groups)?)
-        })?;
-        if let Some(b) = b {
-            y = y.broadcast_add(&b.tensor().reshape((1, cout, 1, 1))?)?;
-        }
         let inputs: Vec<&Value> = match b {
             Some(b) => vec![x, w, b],
             None => vec![x, w],
         };
-        if !self.needs_grad(&inputs) {
-            return Ok(self.constant(y));
-        }
-        let cx = if w.is_tracked() {
+        let needs_grad = self.needs_grad(&inputs);
+        // Contexts first, so that the output may take the input's buffer afterwards.
+        let cx = if needs_grad && w.is_tracked() {
             Some(self.save(op, x, SaveAs::Activation)?)
         } else {
             None
         };
-        let cw = if x.is_tracked() {
+        let cw = if needs_grad && x.is_tracked() {
             Some(self.save(op, w, SaveAs::Activation)?)
         } else {
             None
         };
+        let (xt, wt) = (x.tensor(), w.tensor());
+        // Per sample of a chunk: the unfolded columns, candle's gemm output and its reordered
+        // copy, and (strided or padded) a copy of the input rows. For a 1x1 kernel the
+        // columns are small and those copies, not the columns, are what grows with the chunk.
+        let x_sample = cin * x.dims()[2] * x.dims()[3] * elem;
+        let chunk = chunk_rows(n, cols_in + 2 * cout * oh * ow * elem + x_sample);
+        let over_input = owned
+            && b.is_none()
+            && chunk < n
+            && cout * oh * ow == cin * x.dims()[2] * x.dims()[3]
+            && self.may_overwrite(x, &cx.iter().collect::<Vec<_>>());
+        let forward = |s: usize, len: usize| -> Result<Tensor> {
+            Ok(xt
+                .narrow(0, s, len)?
+                .conv2d(wt, p.padding, p.stride, p.dilation, p.groups)?)
+        };
+        let mut y = if over_input {
+            // Chunk `s..s+len` reads only those rows of `x`; the rows after it are intact.
+            let mut s = 0;
+            while s < n {
+                let len = chunk.min(n - s);
+                let part = forward(s, len)?.contiguous()?;
+                xt.slice_set(&part.reshape(xt.narrow(0, s, len)?.shape())?, 0, s)?;
+                s += len;
+            }
+            xt.reshape((n, cout, oh, ow))?
+        } else {
+            chunked_rows(n, chunk, xt, &[cout, oh, ow], forward)?
+        };
+        if let Some(b) = b {
+            y = y.broadcast_add(&b.tensor().reshape((1, cout, 1, 1))?)?;
+        }
+        if !needs_grad {
+            return Ok(self.constant(y));
+        }
         let (h, wd) = (x.dims()[2], x.dims()[3]);
         let x_sample_bytes = cin * h * wd * elem;
         let g_sample_bytes = cout * oh * ow * elem;
-        self.record_grad(op, &inputs, y, move |g, needs| {
+        self.record_grad_into(op, &inputs, y, move |g, needs, acc| {
             let owned = g.is_owned();
+            // The input's gradient gathered so far (a residual block's shortcut), to add
+            // this one into chunk by chunk instead of allocating it.
+            let into = if crate::ops::activation::fused_cpu_kernels() {
+                acc[0].take_if(|a| {
+                    let a = a.tensor();
+                    a.device().is_cpu() && a.is_contiguous() && a.dtype() == g.tensor().dtype()
+                })
+            } else {
+                None
+            };
             let g = g.into_tensor();
             let gb = if needs.len() == 3 && needs[2] {
                 Some(g.sum((0, 2, 3))?)
@@ -303,6 +364,7 @@ impl Tape {
             // layer-sized buffer where the batch runs in several chunks (in one chunk the
             // result exists whole beside `g` anyway).
             let in_place = want_gx
+                && into.is_none()
                 && gw_first
                 && owned
                 && gx_chunk < n
@@ -344,6 +406,20 @@ impl Tape {
                 let w = cw.load()?;
                 let grad_input =
                     |s: usize, len: usize| conv2d_grad_input(&g.narrow(0, s, len)?, &w, h, wd, p);
+                if let Some(into) = into {
+                    let dst = into.tensor();
+                    let mut s = 0;
+                    while s < n {
+                        let len = gx_chunk.min(n - s);
+                        let part = grad_input(s, len)?.contiguous()?;
+                        let rows = dst.narrow(0, s, len)?;
+                        if !crate::ops::activation::add_in_place(&rows, &part)? {
+                            dst.slice_set(&(&rows + &part)?, 0, s)?;
+                        }
+                        s += len;
+                    }
+                    return Ok(Some(into.into_tensor()));
+                }
                 if !in_place {
                     return Ok(Some(chunked_rows(
                         n,

@@ -3,6 +3,7 @@
 use super::sum_to_shape;
 use crate::tape::{Grad, SaveAs, Tape, Value};
 use anyhow::Result;
+use candle_core::Tensor;
 
 #[derive(Clone, Copy)]
 enum Arith {
@@ -31,13 +32,47 @@ impl Tape {
         self.arith(Arith::Div, a, b)
     }
 
+    /// [`Tape::add`] of an `a` handed over by the caller, which keeps no other handle or view
+    /// of it: where no context holds `a` as it is (see [`Tape::may_overwrite`]) and `b` has
+    /// its shape, `b` is added into `a`'s own buffer (a residual block's sum costs no third
+    /// tensor).
+    pub fn add_owned(&mut self, a: Value, b: &Value) -> Result<Value> {
+        let in_place = a.id() != b.id()
+            && a.shape() == b.shape()
+            && self.may_overwrite(&a, &[])
+            && crate::ops::activation::add_in_place(a.tensor(), b.tensor())?;
+        if in_place {
+            let y = a.tensor().clone();
+            return self.arith_into(Arith::Add, &a, b, Some(y));
+        }
+        self.add(&a, b)
+    }
+
     fn arith(&mut self, kind: Arith, a: &Value, b: &Value) -> Result<Value> {
+        self.arith_into(kind, a, b, None)
+    }
+
+    /// `kind(a, b)`, or the already computed result `y` (an in-place sum).
+    fn arith_into(
+        &mut self,
+        kind: Arith,
+        a: &Value,
+        b: &Value,
+        y: Option<Tensor>,
+    ) -> Result<Value> {
         let (ta, tb) = (a.tensor(), b.tensor());
-        let (op, y) = match kind {
-            Arith::Add => ("add", ta.broadcast_add(tb)?),
-            Arith::Sub => ("sub", ta.broadcast_sub(tb)?),
-            Arith::Mul => ("mul", ta.broadcast_mul(tb)?),
-            Arith::Div => ("div", ta.broadcast_div(tb)?),
+        let op = match kind {
+            Arith::Add => "add",
+            Arith::Sub => "sub",
+            Arith::Mul => "mul",
+            Arith::Div => "div",
+        };
+        let y = match (y, kind) {
+            (Some(y), _) => y,
+            (None, Arith::Add) => ta.broadcast_add(tb)?,
+            (None, Arith::Sub) => ta.broadcast_sub(tb)?,
+            (None, Arith::Mul) => ta.broadcast_mul(tb)?,
+            (None, Arith::Div) => ta.broadcast_div(tb)?,
         };
         if !self.needs_grad(&[a, b]) {
             return Ok(self.constant(y));

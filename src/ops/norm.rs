@@ -326,6 +326,46 @@ fn bn_apply<T: WithDType>(
     y
 }
 
+/// [`bn_apply`] written into the input's own buffer: `x = (x - mean[c]) scale[c] + beta[c]`,
+/// the same arithmetic in the same order (so bit for bit the same result).
+struct BnApplyInPlace<'a, T> {
+    mean: &'a [T],
+    scale: &'a [T],
+    beta: &'a [T],
+    cs: (usize, usize),
+}
+
+impl<T: WithDType> candle_core::InplaceOp1 for BnApplyInPlace<'_, T> {
+    fn name(&self) -> &'static str {
+        "batch_norm_in_place"
+    }
+    fn cpu_fwd(&self, st: &mut candle_core::CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("batch_norm_in_place: the input must be contiguous");
+        };
+        // The parameters arrive as `T`, the storage's own type: the casts are exact.
+        fn run<U: WithDType, T: WithDType>(x: &mut [U], op: &BnApplyInPlace<'_, T>) {
+            let cast = |v: &[T]| -> Vec<U> { v.iter().map(|v| U::from_f64(v.to_f64())).collect() };
+            let (mean, scale, beta) = (cast(op.mean), cast(op.scale), cast(op.beta));
+            let (c, s) = op.cs;
+            x.par_chunks_mut(c * s).for_each(|x| {
+                for ci in 0..c {
+                    let (m, k, b) = (mean[ci], scale[ci], beta[ci]);
+                    for x in x[ci * s..][..s].iter_mut() {
+                        *x = (*x - m) * k + b;
+                    }
+                }
+            });
+        }
+        match st {
+            candle_core::CpuStorage::F32(v) if T::DTYPE == DType::F32 => run(&mut v[a..b], self),
+            candle_core::CpuStorage::F64(v) if T::DTYPE == DType::F64 => run(&mut v[a..b], self),
+            _ => candle_core::bail!("batch_norm_in_place: the input's dtype is not the kernel's"),
+        }
+        Ok(())
+    }
+}
+
 /// Adds `Σ_{n,s} g (x - mean) invstd` over the samples `first..first + count` of `[N, C, S]`
 /// to `acc[c]` (`x` holds just those samples), in sample order (so chunks add up exactly as
 /// one pass would).
@@ -485,6 +525,7 @@ fn bn_forward_kernel<T: WithDType>(
     running: Option<(&Tensor, &Tensor)>,
     (n, c, s): (usize, usize, usize),
     eps: f64,
+    in_place: bool,
 ) -> Result<BnForward> {
     let dims = x.dims().to_vec();
     let (mean, var, batch_var) = match running {
@@ -501,19 +542,38 @@ fn bn_forward_kernel<T: WithDType>(
     };
     let invstd: Vec<f64> = var.iter().map(|&v| 1.0 / (v + eps).sqrt()).collect();
     let mean_t: Vec<T> = mean.iter().map(|&v| T::from_f64(v)).collect();
-    let y = with_slices::<T, _>(&[x, gamma, beta], |v| {
-        let scale: Vec<T> = invstd
-            .iter()
-            .zip(v[1])
-            .map(|(&k, &g)| T::from_f64(k) * g)
-            .collect();
-        Ok(bn_apply(v[0], c, s, &mean_t, &scale, v[2]))
-    })?;
+    let y = if in_place {
+        let (scale, beta) = with_slices::<T, _>(&[gamma, beta], |v| {
+            let scale: Vec<T> = invstd
+                .iter()
+                .zip(v[0])
+                .map(|(&k, &g)| T::from_f64(k) * g)
+                .collect();
+            Ok((scale, v[1].to_vec()))
+        })?;
+        x.inplace_op1(&BnApplyInPlace {
+            mean: &mean_t,
+            scale: &scale,
+            beta: &beta,
+            cs: (c, s),
+        })?;
+        x.clone()
+    } else {
+        let y = with_slices::<T, _>(&[x, gamma, beta], |v| {
+            let scale: Vec<T> = invstd
+                .iter()
+                .zip(v[1])
+                .map(|(&k, &g)| T::from_f64(k) * g)
+                .collect();
+            Ok(bn_apply(v[0], c, s, &mean_t, &scale, v[2]))
+        })?;
+        vec_tensor(y, &dims)?
+    };
     Ok(BnForward {
         mean: vec_tensor(mean_t, &[c])?,
         invstd: vec_tensor(invstd.into_iter().map(T::from_f64).collect(), &[c])?,
         batch_var,
-        y: vec_tensor(y, &dims)?,
+        y,
     })
 }
 
@@ -709,6 +769,35 @@ impl Tape {
         momentum: f64,
         eps: f64,
     ) -> Result<Value> {
+        self.batch_norm_impl(x, gamma, beta, running, momentum, eps, false)
+    }
+
+    /// [`Tape::batch_norm`] of a value handed over by the caller, which keeps no other handle
+    /// or view of it: where no context holds `x` as it is (L1–L4, see
+    /// [`Tape::may_overwrite`]) the output is written into `x`'s own buffer once `x` is saved.
+    pub fn batch_norm_owned(
+        &mut self,
+        x: Value,
+        gamma: &Value,
+        beta: &Value,
+        running: &mut BatchNormStats,
+        momentum: f64,
+        eps: f64,
+    ) -> Result<Value> {
+        self.batch_norm_impl(&x, gamma, beta, running, momentum, eps, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_impl(
+        &mut self,
+        x: &Value,
+        gamma: &Value,
+        beta: &Value,
+        running: &mut BatchNormStats,
+        momentum: f64,
+        eps: f64,
+        owned: bool,
+    ) -> Result<Value> {
         let op = "batch_norm";
         let dims = x.dims().to_vec();
         if !(2..=4).contains(&dims.len()) {
@@ -735,7 +824,18 @@ impl Tape {
         }
         let dtype = x.dtype();
         let ncs = (n, c, s);
-        let fwd = if use_kernel(&[x.tensor(), gamma.tensor(), beta.tensor()]) {
+        let inputs = [x, gamma, beta];
+        let need_x = x.is_tracked() || gamma.is_tracked();
+        // The input is saved before the output is computed, so that the output may take its
+        // buffer (nothing reads `x` afterwards but the saved copy).
+        let sx = if self.needs_grad(&inputs) && need_x {
+            Some(self.save(op, x, SaveAs::Activation)?)
+        } else {
+            None
+        };
+        let kernel = use_kernel(&[x.tensor(), gamma.tensor(), beta.tensor()]);
+        let in_place = owned && kernel && self.may_overwrite(x, &sx.iter().collect::<Vec<_>>());
+        let fwd = if kernel {
             let run = if training {
                 None
             } else {
@@ -749,7 +849,8 @@ impl Tape {
                 beta.tensor(),
                 run,
                 ncs,
-                eps
+                eps,
+                in_place
             )?
         } else {
             bn_forward_generic(
@@ -776,14 +877,12 @@ impl Tape {
             running.mean = ((&running.mean * (1.0 - momentum))? + (bm * momentum)?)?;
             running.var = ((&running.var * (1.0 - momentum))? + (bv * momentum)?)?;
         }
-        let inputs = [x, gamma, beta];
         if !self.needs_grad(&inputs) {
             return Ok(self.constant(y));
         }
-        let need_x = x.is_tracked() || gamma.is_tracked();
-        let cx = if need_x {
+        let cx = if let Some(sx) = sx {
             Some((
-                self.save(op, x, SaveAs::Activation)?,
+                sx,
                 self.save_derived(op, &mean, SaveAs::Exact)?,
                 self.save_derived(op, &invstd, SaveAs::Exact)?,
             ))

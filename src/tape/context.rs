@@ -173,7 +173,8 @@ impl Saved {
         }
     }
 
-    /// Whether the context is the tensor itself (no compression): loading it costs nothing.
+    /// Whether the context is the tensor itself (no compression): loading it costs nothing,
+    /// and the tensor's storage must not be overwritten while the context lives.
     pub fn stored_as_is(&self) -> bool {
         matches!(self.0.packed, Packed::Full(_))
     }

@@ -73,6 +73,8 @@ impl Value {
 pub type InputGrads = Vec<Option<Tensor>>;
 type BackwardFn = Box<dyn FnOnce(Tensor, &[bool]) -> Result<InputGrads>>;
 type GradBackwardFn = Box<dyn FnOnce(Grad, &[bool]) -> Result<Vec<Option<Grad>>>>;
+type GradIntoBackwardFn =
+    Box<dyn FnOnce(Grad, &[bool], &mut [Option<Grad>]) -> Result<Vec<Option<Grad>>>>;
 
 /// A gradient in flight during backward: the tensor, and whether its storage belongs to the
 /// gradient alone.
@@ -127,11 +129,13 @@ impl Grad {
     }
 }
 
-/// A node's backward rule: plain (tensors in and out, nothing written in place) or
-/// ownership-aware ([`Grad`] in and out).
+/// A node's backward rule: plain (tensors in and out, nothing written in place),
+/// ownership-aware ([`Grad`] in and out), or ownership-aware and handed the gradients its
+/// inputs have already gathered (see [`Tape::record_grad_into`]).
 enum Rule {
     Plain(BackwardFn),
     Grad(GradBackwardFn),
+    GradInto(GradIntoBackwardFn),
 }
 
 struct Node {
@@ -308,6 +312,27 @@ impl Tape {
         Ok(saved)
     }
 
+    /// Whether an op handed `x` by value may write its output into `x`'s buffer (a forward
+    /// op "in place"): `x` is a tracked op output on the CPU, not a parameter, contiguous, and
+    /// no context of this tape — `own`, the op's, or any other op's — holds it as it is
+    /// (at L0, or a mask kept as the tensor); at L1–L4 contexts are compressed copies, so
+    /// the fp32 tensor is dead once the op has read it. The caller vouches that it keeps no
+    /// other handle or view of `x` (as for [`Grad::owned`]).
+    pub fn may_overwrite(&self, x: &Value, own: &[&Saved]) -> bool {
+        x.tracked
+            && crate::ops::activation::fused_cpu_kernels()
+            && x.tensor.device().is_cpu()
+            && x.tensor.is_contiguous()
+            && !self.param_of.contains_key(&x.id)
+            && own.iter().all(|s| !s.stored_as_is())
+            && (0..4u8).all(|tag| {
+                self.dedup
+                    .get(&(x.id, tag))
+                    .and_then(Weak::upgrade)
+                    .is_none_or(|e| !matches!(e.packed, Packed::Full(_)))
+            })
+    }
+
     /// Saves a tensor the op derived itself (e.g. argmax positions); no deduplication.
     pub fn save_derived(&mut self, op: &'static str, t: &Tensor, kind: SaveAs) -> Result<Saved> {
         self.save_tensor(op, t, kind, false)
@@ -472,6 +497,32 @@ impl Tape {
         self.push_node(op, inputs, out, Rule::Grad(Box::new(backward)))
     }
 
+    /// Like [`Tape::record_grad`], for a rule that can add an input's gradient into the one
+    /// that input has already gathered from the consumers processed before it (a fork: a
+    /// residual block's input gets the shortcut's gradient first). Backward hands the rule
+    /// `acc[i]`: that owned, same-shape gradient, or `None`. A rule that takes `acc[i]` and
+    /// adds its contribution into it returns the sum as input `i`'s gradient; one that
+    /// leaves it returns its contribution as usual and the tape adds the two. Where the
+    /// contribution is larger than the output gradient (a strided convolution), this saves
+    /// a buffer of the input's size.
+    pub fn record_grad_into<F>(
+        &mut self,
+        op: &'static str,
+        inputs: &[&Value],
+        output: Tensor,
+        backward: F,
+    ) -> Result<Value>
+    where
+        F: FnOnce(Grad, &[bool], &mut [Option<Grad>]) -> Result<Vec<Option<Grad>>> + 'static,
+    {
+        if !self.needs_grad(inputs) {
+            crate::memory::check_budget()?;
+            return Ok(self.constant(output));
+        }
+        let out = self.output(output);
+        self.push_node(op, inputs, out, Rule::GradInto(Box::new(backward)))
+    }
+
     /// [`Tape::record_output`] for an ownership-aware rule (see [`Tape::record_grad`]).
     pub fn record_output_grad<F>(
         &mut self,
@@ -606,6 +657,33 @@ impl Tape {
                 Rule::Grad(f) => {
                     f(grad_out, &needs).with_context(|| format!("backward of op `{op}`"))?
                 }
+                Rule::GradInto(f) => {
+                    // Offer each input's gathered gradient where the rule may write into it:
+                    // owned, not a parameter's, and the input appears once in this node.
+                    let mut acc: Vec<Option<Grad>> = inputs
+                        .iter()
+                        .enumerate()
+                        .map(|(i, id)| {
+                            let offer = needs[i]
+                                && !self.param_of.contains_key(id)
+                                && inputs.iter().filter(|&j| j == id).count() == 1
+                                && frontier.get(id).is_some_and(Grad::is_owned);
+                            if offer {
+                                frontier.remove(id)
+                            } else {
+                                None
+                            }
+                        })
+                        .collect();
+                    let result = f(grad_out, &needs, &mut acc);
+                    // What the rule left goes back, to be summed below as usual.
+                    for (i, a) in acc.into_iter().enumerate() {
+                        if let Some(a) = a {
+                            frontier.insert(inputs[i], a);
+                        }
+                    }
+                    result.with_context(|| format!("backward of op `{op}`"))?
+                }
             };
             if grads.len() != inputs.len() {
                 bail!(
@@ -708,4 +786,77 @@ pub fn splitmix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use std::cell::RefCell;
+
+    /// `y = 2 x` recorded with [`Tape::record_grad_into`]: the rule notes whether it was
+    /// offered `x`'s gathered gradient and, if so, adds its own contribution into it.
+    fn double_into(tape: &mut Tape, x: &Value, offered: Rc<RefCell<Vec<bool>>>) -> Value {
+        let y = (x.tensor() * 2.0).unwrap();
+        tape.record_grad_into("double", &[x], y, move |g, _, acc| {
+            let mine = (g.tensor() * 2.0)?;
+            offered.borrow_mut().push(acc[0].is_some());
+            Ok(vec![Some(match acc[0].take() {
+                Some(a) => {
+                    let sum = (a.tensor() + &mine)?;
+                    Grad::owned(sum)
+                }
+                None => Grad::owned(mine),
+            })])
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_rule_is_offered_the_owned_gradient_its_input_has_gathered() {
+        let mut store = ParamStore::new();
+        let p = store
+            .add("p", Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap())
+            .unwrap();
+        let mut tape = Tape::new(Box::new(KeepPolicy));
+        let w = tape.param(&store, p);
+        // x = 3 w; loss = sum(2 x) + sum(2 x): backward reaches the second `double` first,
+        // which is offered nothing and returns a new (owned) gradient of x, then the first,
+        // which is offered that one.
+        let x = tape.scale(&w, 3.0).unwrap();
+        let offered = Rc::new(RefCell::new(Vec::new()));
+        let a = double_into(&mut tape, &x, offered.clone());
+        let b = double_into(&mut tape, &x, offered.clone());
+        let s = tape.add(&a, &b).unwrap();
+        let loss = tape.sum_all(&s).unwrap();
+        tape.backward(&loss, &mut store).unwrap();
+        assert_eq!(*offered.borrow(), vec![false, true]);
+        // d loss / d w = 3 (2 + 2) = 12 per element.
+        let g: Vec<f32> = store.grad(p).unwrap().to_vec1().unwrap();
+        assert_eq!(g, vec![12.0; 3]);
+    }
+
+    #[test]
+    fn a_parameter_or_a_shared_gradient_is_not_offered() {
+        let mut store = ParamStore::new();
+        let p = store
+            .add("p", Tensor::new(&[1f32, 2.], &Device::Cpu).unwrap())
+            .unwrap();
+        let mut tape = Tape::new(Box::new(KeepPolicy));
+        let w = tape.param(&store, p);
+        let offered = Rc::new(RefCell::new(Vec::new()));
+        // Straight on a parameter: its gradient goes to the store, never offered.
+        let a = double_into(&mut tape, &w, offered.clone());
+        // On a value whose other consumer passes its gradient through unchanged (an add
+        // hands out the shared output gradient): not owned, so not offered.
+        let x = tape.scale(&w, 1.0).unwrap();
+        let b = double_into(&mut tape, &x, offered.clone());
+        let c = tape.add(&b, &x).unwrap();
+        let s = tape.add(&a, &c).unwrap();
+        let loss = tape.sum_all(&s).unwrap();
+        tape.backward(&loss, &mut store).unwrap();
+        assert_eq!(*offered.borrow(), vec![false, false]);
+        let g: Vec<f32> = store.grad(p).unwrap().to_vec1().unwrap();
+        assert_eq!(g, vec![5.0; 2]);
+    }
 }
