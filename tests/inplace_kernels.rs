@@ -1,7 +1,8 @@
 //! The memory-saving backward and forward kernels against the composed candle-op reference:
 //! batch norm's chunked/in-place backward, the pointwise activations' chunked/in-place
 //! backward, ReLU's in-place mask product, the linear layer's in-place bias and chunked
-//! weight gradient, `linear_gelu`, and in-place gradient accumulation at forks.
+//! weight gradient, `linear_gelu`, in-place gradient accumulation at forks, residual blocks
+//! written over their own inputs, and attention's backward in batch chunks.
 //!
 //! Each case runs one graph twice on the same inputs under the same compression policy (L3,
 //! so contexts are really quantized and unpacked in row chunks): once with the CPU kernels
@@ -460,4 +461,23 @@ fn residual_blocks_written_in_place_match_candle_ops() {
         },
     );
     set_workspace_bytes(DEFAULT_WORKSPACE_BYTES);
+}
+
+/// Attention's backward runs in batch chunks (each chunk unpacks only its own rows of P, q,
+/// k and v, so only a chunk's score-sized P and dP exist at a time): the same gradients as
+/// the whole batch at once. Causal and not, with every input's gradient wanted.
+#[test]
+fn attention_backward_in_batch_chunks_matches_the_whole_batch() {
+    for causal in [false, true] {
+        let q = rand32(&[3, 2, 5, 4], 40, 1.0);
+        let k = rand32(&[3, 2, 5, 4], 41, 1.0);
+        let v = rand32(&[3, 2, 5, 4], 42, 1.0);
+        check(&format!("sdpa (causal {causal})"), &[q, k, v], |t, v| {
+            // Scaled copies: the contexts are op outputs (compressed at L3), not parameters.
+            let q = t.scale(&v[0], 1.0)?;
+            let k = t.scale(&v[1], 1.0)?;
+            let vv = t.scale(&v[2], 1.0)?;
+            t.scaled_dot_product_attention(&q, &k, &vv, causal)
+        });
+    }
 }

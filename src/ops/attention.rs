@@ -6,10 +6,13 @@
 //! scale, causal mask and softmax run as one rayon kernel over rows, and so does the softmax
 //! backward; elsewhere (CUDA, half types) the same maths runs as candle ops.
 
-use crate::tape::{Grad, SaveAs, Tape, Value};
+use crate::tape::{Grad, SaveAs, Saved, Tape, Value};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Storage, Tensor, WithDType, D};
 use rayon::prelude::*;
+
+/// The gradients of `q`, `k` and `v` (each where wanted).
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
 impl Tape {
     /// Scaled dot-product attention, `softmax(q kᵀ / sqrt(Dh) + mask) v`, as one fused node.
@@ -99,43 +102,95 @@ impl Tape {
         };
         let cp = self.save_derived(OP, &p, SaveAs::Activation)?;
         drop(p);
+        let score_bytes = h * tq * tk * q.dtype().size_in_bytes();
         self.record_grad(OP, &[q, k, v], y, move |g, needs| {
             let g = g.into_tensor();
-            // dP = dO Vᵀ first, so that V is gone before P is unpacked: at most P, dP and
-            // the small gradients are alive together.
-            let dp = if needs[0] || needs[1] {
-                let v = cv
-                    .as_ref()
-                    .expect("v is saved when q or k needs a gradient")
-                    .load()?;
-                Some(g.matmul(&v.t()?)?)
+            // Samples `first..first + len` (all of them with `whole`): their gradients only
+            // need their own rows of every context and of `g`.
+            let grads_of = |first: usize, len: usize, whole: bool| -> Result<Grads3> {
+                let load = |c: &Saved| {
+                    if whole {
+                        c.load()
+                    } else {
+                        c.load_rows(first, len)
+                    }
+                };
+                let g = if whole {
+                    g.clone()
+                } else {
+                    g.narrow(0, first, len)?.contiguous()?
+                };
+                // dP = dO Vᵀ first, so that V is gone before P is unpacked: at most P, dP
+                // and the small gradients are alive together.
+                let dp = if needs[0] || needs[1] {
+                    let v = load(
+                        cv.as_ref()
+                            .expect("v is saved when q or k needs a gradient"),
+                    )?;
+                    Some(g.matmul(&v.t()?)?)
+                } else {
+                    None
+                };
+                let p = load(&cp)?;
+                let gv = if needs[2] {
+                    Some(p.t()?.matmul(&g)?)
+                } else {
+                    None
+                };
+                drop(g);
+                let Some(dp) = dp else {
+                    return Ok((None, None, gv));
+                };
+                // dS already carries the 1/sqrt(Dh) factor; on the CPU it overwrites dP (a
+                // fresh matmul result) instead of taking a third score-sized buffer.
+                let ds = mask.softmax_backward_owned(&p, dp)?;
+                drop(p);
+                let gq = match (&ck, needs[0]) {
+                    (Some(ck), true) => Some(ds.matmul(&load(ck)?)?),
+                    _ => None,
+                };
+                let gk = match (&cq, needs[1]) {
+                    (Some(cq), true) => Some(ds.t()?.matmul(&load(cq)?)?),
+                    _ => None,
+                };
+                Ok((gq, gk, gv))
+            };
+            // In batch chunks where every context unpacks a chunk on its own: then only a
+            // chunk's P and dP (score-sized, the largest tensors here) exist at a time,
+            // beside the three input-sized gradients being filled.
+            let saved = [Some(&cp), cq.as_ref(), ck.as_ref(), cv.as_ref()];
+            let by_rows = saved.iter().flatten().all(|c| c.loads_rows_cheaply());
+            let chunk = if by_rows {
+                super::chunk_rows_for(b, 2 * score_bytes)
             } else {
-                None
+                b
             };
-            let p = cp.load()?;
-            // Every gradient below is a matmul result: a new tensor, owned.
-            let gv = if needs[2] {
-                Some(Grad::owned(p.t()?.matmul(&g)?))
-            } else {
-                None
-            };
-            drop(g);
-            let Some(dp) = dp else {
-                return Ok(vec![None, None, gv]);
-            };
-            // dS already carries the 1/sqrt(Dh) factor; on the CPU it overwrites dP (a fresh
-            // matmul result) instead of taking a third score-sized buffer beside P and dP.
-            let ds = mask.softmax_backward_owned(&p, dp)?;
-            drop(p);
-            let gq = match (&ck, needs[0]) {
-                (Some(ck), true) => Some(ds.matmul(&ck.load()?)?),
-                _ => None,
-            };
-            let gk = match (&cq, needs[1]) {
-                (Some(cq), true) => Some(ds.t()?.matmul(&cq.load()?)?),
-                _ => None,
-            };
-            Ok(vec![gq.map(Grad::owned), gk.map(Grad::owned), gv])
+            // Every gradient is a matmul result or the buffer the chunks were copied into:
+            // a new tensor, owned.
+            let own = |t: Option<Tensor>| t.map(Grad::owned);
+            if chunk >= b {
+                let (gq, gk, gv) = grads_of(0, b, true)?;
+                return Ok(vec![own(gq), own(gk), own(gv)]);
+            }
+            let (dt, dev) = (g.dtype(), g.device().clone());
+            let (mut gq, mut gk, mut gv) = (None, None, None);
+            let mut first = 0;
+            while first < b {
+                let len = chunk.min(b - first);
+                let (cq_, ck_, cv_) = grads_of(first, len, false)?;
+                for (part, dst) in [(cq_, &mut gq), (ck_, &mut gk), (cv_, &mut gv)] {
+                    let Some(part) = part else { continue };
+                    if dst.is_none() {
+                        let d = part.dims();
+                        *dst = Some(Tensor::zeros((b, d[1], d[2], d[3]), dt, &dev)?);
+                    }
+                    if let Some(dst) = dst.as_ref() {
+                        dst.slice_set(&part.contiguous()?, 0, first)?;
+                    }
+                }
+                first += len;
+            }
+            Ok(vec![own(gq), own(gk), own(gv)])
         })
     }
 
