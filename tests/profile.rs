@@ -199,10 +199,12 @@ out = "classes"
 "#;
 
 /// The same for a transformer, in units of the MLP's hidden activation `H` (`[64, 32, 256]`
-/// f32, 2 MiB), the widest tensor of a block: 2.37H forward and 2.97H backward are measured
+/// f32, 2 MiB), the widest tensor of a block: 2.11H forward and 2.97H backward are measured
 /// (the MLP's GELU computed into its linear layer's output, the attention softmax into its
-/// scores and its backward into dP, GELU's backward into the owned gradient); before the
-/// fix 4.37H and 3.84H. The bounds leave 20% and 15% headroom.
+/// scores and its backward into dP, GELU's backward into the owned gradient, the attention
+/// input freed before the scores exist and the residual sums written into the branch
+/// outputs); 2.37H forward before the last two, and before any of it 4.37H and 3.84H. The
+/// bounds leave 10% and 15% headroom (the forward one fails at the old 2.37H).
 #[test]
 fn l3_transformer_step_transients_stay_within_a_few_hidden_sizes() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -225,7 +227,7 @@ fn l3_transformer_step_transients_stay_within_a_few_hidden_sizes() {
     );
     println!("L3 transients: forward {fwd:.2} H, backward {bwd:.2} H");
     assert!(
-        fwd <= 2.85,
+        fwd <= 2.3,
         "forward peak above steady state: {fwd:.2} hidden sizes"
     );
     assert!(

@@ -679,7 +679,7 @@ fn batch_norm(
 fn mha(
     tape: &mut Tape,
     store: &ParamStore,
-    x: &Value,
+    x: Value,
     p: &[ParamId],
     heads: usize,
     causal: bool,
@@ -697,7 +697,7 @@ fn mha(
         heads,
         causal,
     };
-    tape.multi_head_attention(x, &m)
+    tape.multi_head_attention_owned(x, &m)
 }
 
 /// Runs one layer. `ins` are owned: a layer frees each intermediate (and an input it was
@@ -796,7 +796,7 @@ fn run_layer(
             tape.transpose(&h, 1, 2)?
         }
         LayerOp::MeanTokens => tape.mean(x, &[1], false)?,
-        LayerOp::Attention { heads, causal } => mha(tape, store, x, p, *heads, *causal)?,
+        LayerOp::Attention { heads, causal } => mha(tape, store, x.clone(), p, *heads, *causal)?,
         LayerOp::TransformerBlock {
             heads,
             causal,
@@ -806,11 +806,15 @@ fn run_layer(
             let x = ins.into_iter().next().expect("one input");
             let (g1, b1) = (param(tape, store, 0), param(tape, store, 1));
             let n1 = tape.layer_norm(&x, g1.as_ref(), b1.as_ref(), 1e-5)?;
-            let a = mha(tape, store, &n1, &p[2..10], *heads, *causal)?;
-            drop(n1);
-            let a = tape.dropout(&a, *dropout)?;
-            let x1 = tape.add(&x, &a)?;
-            drop((x, a));
+            // Each intermediate is handed over or dropped once read: the attention frees the
+            // normalised input before its scores exist, and the residual sums take the
+            // branch output's buffer (at L1-L4, see `Tape::add_owned`).
+            let a = {
+                let a = mha(tape, store, n1, &p[2..10], *heads, *causal)?;
+                tape.dropout(&a, *dropout)?
+            };
+            let x1 = tape.add_owned(a, &x)?;
+            drop(x);
             let (g2, b2) = (param(tape, store, 10), param(tape, store, 11));
             let n2 = tape.layer_norm(&x1, g2.as_ref(), b2.as_ref(), 1e-5)?;
             let (w1, c1) = (param(tape, store, 12).expect("fc1"), param(tape, store, 13));
@@ -822,10 +826,12 @@ fn run_layer(
             )?;
             drop(n2);
             let (w2, c2) = (param(tape, store, 14).expect("fc2"), param(tape, store, 15));
-            let h3 = tape.linear(&h2, &w2, c2.as_ref())?;
-            drop(h2);
-            let h3 = tape.dropout(&h3, *dropout)?;
-            tape.add(&x1, &h3)?
+            let h3 = {
+                let h3 = tape.linear(&h2, &w2, c2.as_ref())?;
+                drop(h2);
+                tape.dropout(&h3, *dropout)?
+            };
+            tape.add_owned(h3, &x1)?
         }
         LayerOp::ResidualBlock {
             stride, bottleneck, ..

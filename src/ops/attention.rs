@@ -204,6 +204,17 @@ impl Tape {
     /// and the merged heads (input of the output projection); weights by reference. The
     /// split/merge reshapes and transposes keep only shapes.
     pub fn multi_head_attention(&mut self, x: &Value, m: &MultiHeadAttention) -> Result<Value> {
+        self.multi_head_attention_owned(x.clone(), m)
+    }
+
+    /// [`Tape::multi_head_attention`] of an `x` handed over by the caller: it is dropped once
+    /// the three projections have read it, so (when the caller held the only handle) it is
+    /// freed before the score-sized tensors exist.
+    pub fn multi_head_attention_owned(
+        &mut self,
+        x: Value,
+        m: &MultiHeadAttention,
+    ) -> Result<Value> {
         const OP: &str = "multi_head_attention";
         let xd = x.dims();
         if x.rank() != 3 {
@@ -232,13 +243,14 @@ impl Tape {
         }
         let dh = d / m.heads;
         let split = |tape: &mut Tape, w: &Value, bias: Option<&Value>| -> Result<Value> {
-            let y = tape.linear(x, w, bias)?;
+            let y = tape.linear(&x, w, bias)?;
             let y = tape.reshape(&y, &[b, t, m.heads, dh])?;
             tape.transpose(&y, 1, 2)
         };
         let q = split(self, m.wq, m.bq)?;
         let k = split(self, m.wk, m.bk)?;
         let v = split(self, m.wv, m.bv)?;
+        drop(x);
         let o = self.scaled_dot_product_attention(&q, &k, &v, m.causal)?;
         drop((q, k, v));
         let merged = self.transpose(&o, 1, 2)?;
