@@ -296,12 +296,14 @@ impl Tape {
         // Per sample of a chunk: the unfolded columns, candle's gemm output and its reordered
         // copy, and (strided or padded) a copy of the input rows. For a 1x1 kernel the
         // columns are small and those copies, not the columns, are what grows with the chunk.
-        let x_sample = cin * x.dims()[2] * x.dims()[3] * elem;
-        let chunk = chunk_rows(n, cols_in + 2 * cout * oh * ow * elem + x_sample);
+        let (h, wd) = (x.dims()[2], x.dims()[3]);
+        let x_sample_bytes = cin * h * wd * elem;
+        let g_sample_bytes = cout * oh * ow * elem;
+        let chunk = chunk_rows(n, cols_in + 2 * g_sample_bytes + x_sample_bytes);
         let over_input = owned
             && b.is_none()
             && chunk < n
-            && cout * oh * ow == cin * x.dims()[2] * x.dims()[3]
+            && g_sample_bytes == x_sample_bytes
             && self.may_overwrite(x, &cx.iter().collect::<Vec<_>>());
         let forward = |s: usize, len: usize| -> Result<Tensor> {
             Ok(xt
@@ -327,14 +329,14 @@ impl Tape {
         if !needs_grad {
             return Ok(self.constant(y));
         }
-        let (h, wd) = (x.dims()[2], x.dims()[3]);
-        let x_sample_bytes = cin * h * wd * elem;
-        let g_sample_bytes = cout * oh * ow * elem;
         self.record_grad_into(op, &inputs, y, move |g, needs, acc| {
             let owned = g.is_owned();
+            let want_gx = cw.is_some() && needs[0];
+            let want_gw = cx.is_some() && needs[1];
             // The input's gradient gathered so far (a residual block's shortcut), to add
-            // this one into chunk by chunk instead of allocating it.
-            let into = if crate::ops::activation::fused_cpu_kernels() {
+            // this one into chunk by chunk instead of allocating it. Taken only when the
+            // input gradient is computed, so that it is always handed back.
+            let into = if want_gx && crate::ops::activation::fused_cpu_kernels() {
                 acc[0].take_if(|a| {
                     let a = a.tensor();
                     a.device().is_cpu() && a.is_contiguous() && a.dtype() == g.tensor().dtype()
@@ -349,8 +351,6 @@ impl Tape {
                 None
             };
             let gx_chunk = chunk_rows(n, cols_out);
-            let want_gx = cw.is_some() && needs[0];
-            let want_gw = cx.is_some() && needs[1];
             // Which gradient to compute first: the one computed second is held while the
             // other's chunks (unpacked input, unfolded columns) come and go, so the smaller
             // result goes first — the weight gradient, except where the weight outweighs

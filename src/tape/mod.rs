@@ -502,7 +502,8 @@ impl Tape {
     /// residual block's input gets the shortcut's gradient first). Backward hands the rule
     /// `acc[i]`: that owned, same-shape gradient, or `None`. A rule that takes `acc[i]` and
     /// adds its contribution into it returns the sum as input `i`'s gradient; one that
-    /// leaves it returns its contribution as usual and the tape adds the two. Where the
+    /// leaves it returns its contribution as usual and the tape adds the two (a rule that
+    /// takes `acc[i]` must return a gradient for input `i`, or that sum is lost). Where the
     /// contribution is larger than the output gradient (a strided convolution), this saves
     /// a buffer of the input's size.
     pub fn record_grad_into<F>(
