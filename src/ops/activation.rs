@@ -55,7 +55,7 @@ impl Tape {
             return self.relu(&x);
         }
         let m = self.save("relu", &x, SaveAs::SignMask)?;
-        let y = if self.may_overwrite(&x, &[&m]) && map_in_place(x.tensor(), &Relu)? {
+        let y = if self.may_overwrite(&x, Some(&m)) && map_in_place(x.tensor(), &Relu)? {
             x.tensor().clone()
         } else {
             x.tensor().relu()?

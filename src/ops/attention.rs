@@ -174,9 +174,7 @@ impl Tape {
             }
             let (dt, dev) = (g.dtype(), g.device().clone());
             let (mut gq, mut gk, mut gv) = (None, None, None);
-            let mut first = 0;
-            while first < b {
-                let len = chunk.min(b - first);
+            for (first, len) in super::row_chunks(b, chunk) {
                 let (cq_, ck_, cv_) = grads_of(first, len, false)?;
                 for (part, dst) in [(cq_, &mut gq), (ck_, &mut gk), (cv_, &mut gv)] {
                     let Some(part) = part else { continue };
@@ -188,7 +186,6 @@ impl Tape {
                         dst.slice_set(&part.contiguous()?, 0, first)?;
                     }
                 }
-                first += len;
             }
             Ok(vec![own(gq), own(gk), own(gv)])
         })

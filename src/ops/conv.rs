@@ -207,13 +207,22 @@ fn chunked_rows(
     let mut full = vec![n];
     full.extend_from_slice(dims);
     let out = Tensor::zeros(full, like.dtype(), like.device())?;
-    let mut start = 0;
-    while start < n {
-        let len = chunk.min(n - start);
-        out.slice_set(&f(start, len)?.contiguous()?, 0, start)?;
-        start += len;
-    }
+    fill_rows(&out, chunk, f)?;
     Ok(out)
+}
+
+/// Writes `f(first, len)` into rows `first..first + len` of `out` for consecutive chunks of
+/// at most `chunk` rows (`out` may be the buffer `f` reads, where chunk `i` reads only its
+/// own rows: the rows after it are still intact).
+fn fill_rows(
+    out: &Tensor,
+    chunk: usize,
+    mut f: impl FnMut(usize, usize) -> Result<Tensor>,
+) -> Result<()> {
+    for (first, len) in super::row_chunks(out.dim(0)?, chunk) {
+        out.slice_set(&f(first, len)?.contiguous()?, 0, first)?;
+    }
+    Ok(())
 }
 
 impl Tape {
@@ -304,22 +313,16 @@ impl Tape {
             && b.is_none()
             && chunk < n
             && g_sample_bytes == x_sample_bytes
-            && self.may_overwrite(x, &cx.iter().collect::<Vec<_>>());
+            && self.may_overwrite(x, cx.as_ref());
         let forward = |s: usize, len: usize| -> Result<Tensor> {
             Ok(xt
                 .narrow(0, s, len)?
                 .conv2d(wt, p.padding, p.stride, p.dilation, p.groups)?)
         };
         let mut y = if over_input {
-            // Chunk `s..s+len` reads only those rows of `x`; the rows after it are intact.
-            let mut s = 0;
-            while s < n {
-                let len = chunk.min(n - s);
-                let part = forward(s, len)?.contiguous()?;
-                xt.slice_set(&part.reshape(xt.narrow(0, s, len)?.shape())?, 0, s)?;
-                s += len;
-            }
-            xt.reshape((n, cout, oh, ow))?
+            let y = xt.reshape((n, cout, oh, ow))?;
+            fill_rows(&y, chunk, forward)?;
+            y
         } else {
             chunked_rows(n, chunk, xt, &[cout, oh, ow], forward)?
         };
@@ -382,9 +385,7 @@ impl Tape {
                 let per_sample = cols_in.max(2 * x_sample_bytes + g_sample_bytes);
                 let chunk = chunk_rows(n, per_sample);
                 let mut acc: Option<Tensor> = None;
-                let mut s = 0;
-                while s < n {
-                    let len = chunk.min(n - s);
+                for (s, len) in super::row_chunks(n, chunk) {
                     let xs = if len == n {
                         cx.load()?
                     } else {
@@ -395,7 +396,6 @@ impl Tape {
                         None => part,
                         Some(a) => (a + part)?,
                     });
-                    s += len;
                 }
                 Ok(acc)
             };
@@ -408,15 +408,12 @@ impl Tape {
                     |s: usize, len: usize| conv2d_grad_input(&g.narrow(0, s, len)?, &w, h, wd, p);
                 if let Some(into) = into {
                     let dst = into.tensor();
-                    let mut s = 0;
-                    while s < n {
-                        let len = gx_chunk.min(n - s);
+                    for (s, len) in super::row_chunks(n, gx_chunk) {
                         let part = grad_input(s, len)?.contiguous()?;
                         let rows = dst.narrow(0, s, len)?;
                         if !crate::ops::activation::add_in_place(&rows, &part)? {
                             dst.slice_set(&(&rows + &part)?, 0, s)?;
                         }
-                        s += len;
                     }
                     return Ok(Some(into.into_tensor()));
                 }
@@ -430,12 +427,7 @@ impl Tape {
                     )?));
                 }
                 let gx = g.reshape((n, cin, h, wd))?;
-                let mut s = 0;
-                while s < n {
-                    let len = gx_chunk.min(n - s);
-                    gx.slice_set(&grad_input(s, len)?.contiguous()?, 0, s)?;
-                    s += len;
-                }
+                fill_rows(&gx, gx_chunk, grad_input)?;
                 Ok(Some(gx))
             };
             let (gx, gw) = if gw_first {

@@ -39,7 +39,7 @@ impl Tape {
     pub fn add_owned(&mut self, a: Value, b: &Value) -> Result<Value> {
         let in_place = a.id() != b.id()
             && a.shape() == b.shape()
-            && self.may_overwrite(&a, &[])
+            && self.may_overwrite(&a, None)
             && crate::ops::activation::add_in_place(a.tensor(), b.tensor())?;
         if in_place {
             let y = a.tensor().clone();

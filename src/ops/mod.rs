@@ -43,6 +43,14 @@ pub(crate) fn chunk_rows_for(rows: usize, row_bytes: usize) -> usize {
     (context_chunk_bytes() / row_bytes.max(1)).clamp(1, rows.max(1))
 }
 
+/// `(first, len)` of consecutive chunks of at most `chunk` rows covering `0..rows`.
+pub(crate) fn row_chunks(rows: usize, chunk: usize) -> impl Iterator<Item = (usize, usize)> {
+    let chunk = chunk.max(1);
+    (0..rows)
+        .step_by(chunk)
+        .map(move |s| (s, chunk.min(rows - s)))
+}
+
 /// [`CONTEXT_CHUNK_BYTES`], or the calling thread's test override.
 pub(crate) fn context_chunk_bytes() -> usize {
     CHUNK_BYTES.with(|c| c.get()).unwrap_or(CONTEXT_CHUNK_BYTES)

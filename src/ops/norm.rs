@@ -834,7 +834,7 @@ impl Tape {
             None
         };
         let kernel = use_kernel(&[x.tensor(), gamma.tensor(), beta.tensor()]);
-        let in_place = owned && kernel && self.may_overwrite(x, &sx.iter().collect::<Vec<_>>());
+        let in_place = owned && kernel && self.may_overwrite(x, sx.as_ref());
         let fwd = if kernel {
             let run = if training {
                 None

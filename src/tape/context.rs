@@ -28,6 +28,9 @@ pub enum SaveAs {
 }
 
 impl SaveAs {
+    /// Number of distinct [`SaveAs::tag`]s (`0..TAGS`).
+    pub(crate) const TAGS: u8 = 4;
+
     pub(crate) fn tag(self) -> u8 {
         match self {
             SaveAs::Activation => 0,

@@ -318,14 +318,14 @@ impl Tape {
     /// (at L0, or a mask kept as the tensor); at L1–L4 contexts are compressed copies, so
     /// the fp32 tensor is dead once the op has read it. The caller vouches that it keeps no
     /// other handle or view of `x` (as for [`Grad::owned`]).
-    pub fn may_overwrite(&self, x: &Value, own: &[&Saved]) -> bool {
+    pub fn may_overwrite(&self, x: &Value, own: Option<&Saved>) -> bool {
         x.tracked
             && crate::ops::activation::fused_cpu_kernels()
             && x.tensor.device().is_cpu()
             && x.tensor.is_contiguous()
             && !self.param_of.contains_key(&x.id)
-            && own.iter().all(|s| !s.stored_as_is())
-            && (0..4u8).all(|tag| {
+            && own.is_none_or(|s| !s.stored_as_is())
+            && (0..SaveAs::TAGS).all(|tag| {
                 self.dedup
                     .get(&(x.id, tag))
                     .and_then(Weak::upgrade)
@@ -451,12 +451,24 @@ impl Tape {
     where
         F: FnOnce(Tensor, &[bool]) -> Result<InputGrads> + 'static,
     {
+        self.record_rule(op, inputs, output, || Rule::Plain(Box::new(backward)))
+    }
+
+    /// Records `output` with the rule `make` builds, or (no input needs a gradient) returns
+    /// it as a constant without building the rule.
+    fn record_rule(
+        &mut self,
+        op: &'static str,
+        inputs: &[&Value],
+        output: Tensor,
+        make: impl FnOnce() -> Rule,
+    ) -> Result<Value> {
         if !self.needs_grad(inputs) {
             crate::memory::check_budget()?;
             return Ok(self.constant(output));
         }
         let out = self.output(output);
-        self.record_output(op, inputs, out, backward)
+        self.push_node(op, inputs, out, make())
     }
 
     /// The output of an op that saves its own output (sigmoid, softmax, exp): create the value
@@ -489,12 +501,7 @@ impl Tape {
     where
         F: FnOnce(Grad, &[bool]) -> Result<Vec<Option<Grad>>> + 'static,
     {
-        if !self.needs_grad(inputs) {
-            crate::memory::check_budget()?;
-            return Ok(self.constant(output));
-        }
-        let out = self.output(output);
-        self.push_node(op, inputs, out, Rule::Grad(Box::new(backward)))
+        self.record_rule(op, inputs, output, || Rule::Grad(Box::new(backward)))
     }
 
     /// Like [`Tape::record_grad`], for a rule that can add an input's gradient into the one
@@ -516,12 +523,7 @@ impl Tape {
     where
         F: FnOnce(Grad, &[bool], &mut [Option<Grad>]) -> Result<Vec<Option<Grad>>> + 'static,
     {
-        if !self.needs_grad(inputs) {
-            crate::memory::check_budget()?;
-            return Ok(self.constant(output));
-        }
-        let out = self.output(output);
-        self.push_node(op, inputs, out, Rule::GradInto(Box::new(backward)))
+        self.record_rule(op, inputs, output, || Rule::GradInto(Box::new(backward)))
     }
 
     /// [`Tape::record_output`] for an ownership-aware rule (see [`Tape::record_grad`]).
