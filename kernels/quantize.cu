@@ -9,17 +9,23 @@
 //   `bf16_round_down` / `half::bf16::to_f32` do on the CPU.
 //
 // Self-contained on purpose (no #include, no math.h constants): it compiles with nvcc --ptx and
-// with NVRTC alike. All entry points are extern "C" (unmangled names) and use grid-stride loops,
-// so any grid size is correct. Launch with blockDim.x = QBLOCK (256) for `quantize`, and a
-// multiple of 32 for `mask_pack`.
+// with NVRTC alike. All entry points are extern "C" (unmangled names) and loop grid-stride, so
+// any grid size is correct (src/compress/cuda.rs launches at most about one wave of blocks).
+// Launch `quantize` and `mask_pack` with blockDim.x a multiple of 32 (they work per warp).
+// Needs sm_80 or newer (min.NaN / max.NaN).
+//
+// The kernels are memory-bound by design (H100: ~3 TB/s): consecutive lanes touch consecutive
+// 16-byte pieces (float4 loads and stores where aligned), the per-element integer work is the
+// RNG itself, and no kernel divides by a runtime value per element.
 
 typedef unsigned long long u64;
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef unsigned char u8;
 
-#define QBLOCK 256
 #define NO_ERROR 0xFFFFFFFFFFFFFFFFULL
+#define FULL_MASK 0xFFFFFFFFu
+#define MAGIC23 8388608.0f  // 2^23: in [2^23, 2^24) an f32's low mantissa bits are an integer
 
 // ---------------------------------------------------------------------------------------------
 // RNG (src/compress/rng.rs)
@@ -102,7 +108,149 @@ __device__ bool group_params(float mn, float mx, float levels, u16* mn_out, u16*
 }
 
 // ---------------------------------------------------------------------------------------------
-// Quantize: one block per group (grid-stride over groups), blockDim.x == QBLOCK.
+// Shared helpers of the quantizer kernels
+
+// NaN-propagating min / max (PTX ISA 7.0, sm_80): a group holding a NaN or an infinity ends
+// with a non-finite min or max, so non-finite inputs cost no extra work per element. Which
+// zero a (+0, -0) tie returns is unspecified; it only changes the sign of a stored zero min,
+// which dequantizes identically (and differs between the CPU's own SIMD variants too).
+__device__ __forceinline__ float min_nan(float a, float b) {
+    float r;
+    asm("min.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+__device__ __forceinline__ float max_nan(float a, float b) {
+    float r;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+// n / d for n < 2^32 by a multiply (Granlund & Montgomery 1994, fig. 4.1): the host passes
+// m = floor(2^32 * (2^l - d) / d) + 1 with l = ceil(log2 d) (src/compress/cuda.rs, `FastDiv`).
+__device__ __forceinline__ u32 fast_div(u32 n, u32 m, u32 l) {
+    const u32 t = __umulhi(n, m);
+    const u32 s1 = l > 0 ? 1u : 0u;
+    const u32 s2 = l > 0 ? l - 1u : 0u;
+    return (t + ((n - t) >> s1)) >> s2;
+}
+
+// The 24-bit uniform fields of a pair hash (src/compress/rng.rs): even element, odd element.
+__device__ __forceinline__ u32 even24(u64 h) { return (u32)(h >> 40); }
+__device__ __forceinline__ u32 odd24(u64 h) { return ((u32)h >> 8) & 0xFFFFFFu; }
+
+// Four consecutive f32 at p, `avail` (>= 1) of them inside the group. The others are padded
+// with v[0] (PAD_FIRST: neutral for min / max) or with `pad` (the group's min: t = 0, code 0,
+// as the CPU pads its tail block). `vec` = 4 / 2 / 1: p's alignment in floats, uniform across
+// a group (16-byte aligned float4 loads when possible).
+template <bool PAD_FIRST>
+__device__ __forceinline__ void load_quad(const float* __restrict__ p, u32 avail, u32 vec,
+                                          float pad, float v[4]) {
+    if (avail >= 4 && vec == 4) {
+        const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+        v[0] = a.x;
+        v[1] = a.y;
+        v[2] = a.z;
+        v[3] = a.w;
+    } else if (avail >= 4 && vec == 2) {
+        const float2 a = __ldg(reinterpret_cast<const float2*>(p));
+        const float2 b = __ldg(reinterpret_cast<const float2*>(p) + 1);
+        v[0] = a.x;
+        v[1] = a.y;
+        v[2] = b.x;
+        v[3] = b.y;
+    } else {
+        v[0] = __ldg(p);
+        const float f = PAD_FIRST ? v[0] : pad;
+        v[1] = avail > 1 ? __ldg(p + 1) : f;
+        v[2] = avail > 2 ? __ldg(p + 2) : f;
+        v[3] = avail > 3 ? __ldg(p + 3) : f;
+    }
+}
+
+__device__ __forceinline__ float min4(float4 a) {
+    return min_nan(min_nan(a.x, a.y), min_nan(a.z, a.w));
+}
+__device__ __forceinline__ float max4(float4 a) {
+    return max_nan(max_nan(a.x, a.y), max_nan(a.z, a.w));
+}
+
+// Stochastic rounding of one element with 24-bit noise r (u = r * 2^-24), the CPU's
+// `floor(t) + (u < t - floor(t))`. t is in [0, levels] (group_params guarantees it; the CPU's
+// clamp never fires, so none here). floor: t + 2^23 rounded toward zero is 2^23 + floor(t)
+// exactly (0 <= t <= 255), whose low mantissa bits are the integer; fl and t - fl are exact,
+// so the comparison is the CPU's bit for bit (t = -0 gives code 0 on both).
+__device__ __forceinline__ u32 sr_code(float v, u32 r, float mn, float s) {
+    const float t = __fmul_rn(__fsub_rn(v, mn), s);
+    const float big = __fadd_rz(t, MAGIC23);
+    const float fl = __fsub_rn(big, MAGIC23);
+    const float u = __fmul_rn(__uint2float_rn(r), 5.9604644775390625e-8f);
+    return (__float_as_uint(big) - 0x4B000000u) + (u < __fsub_rn(t, fl) ? 1u : 0u);
+}
+
+// Codes of the quad whose first element has flat index i0 (z = key + (i0 >> 1) * GAMMA), code e
+// at bits [e*BITS, (e+1)*BITS). One hash per element pair: 2 hashes for an even i0, 3 for an
+// odd one.
+template <int BITS>
+__device__ __forceinline__ u32 encode_quad(float4 v, u64 z, bool odd, float mn, float s) {
+    const u64 h0 = mix64(z);
+    const u64 h1 = mix64(z + GAMMA);
+    u32 r0, r1, r2, r3;
+    if (!odd) {
+        r0 = even24(h0);
+        r1 = odd24(h0);
+        r2 = even24(h1);
+        r3 = odd24(h1);
+    } else {
+        const u64 h2 = mix64(z + 2ULL * GAMMA);
+        r0 = odd24(h0);
+        r1 = even24(h1);
+        r2 = odd24(h1);
+        r3 = even24(h2);
+    }
+    return sr_code(v.x, r0, mn, s) | (sr_code(v.y, r1, mn, s) << BITS) |
+           (sr_code(v.z, r2, mn, s) << (2 * BITS)) | (sr_code(v.w, r3, mn, s) << (3 * BITS));
+}
+
+// Stores the 4*BITS code bits of quad q of a group at dg (da = its address): one store when
+// aligned, else the group's bytes one by one; `avail` = elements of the quad in the group (0:
+// nothing to store). bits 1: lanes 2i, 2i+1 hold quads q, q+1 (T is even) and make one byte
+// together, so both lanes of a pair must call this.
+template <int BITS>
+__device__ __forceinline__ void store_quad(u8* __restrict__ dg, size_t da, u32 q, u32 avail,
+                                           u32 codes, u32 lane) {
+    if (BITS == 1) {
+        const u32 other = __shfl_xor_sync(3u << (lane & 30u), codes, 1);
+        if ((lane & 1u) == 0 && avail > 0) {
+            dg[q >> 1] = (u8)(codes | (other << 4));
+        }
+    } else if (BITS == 2) {
+        if (avail > 0) {
+            dg[q] = (u8)codes;
+        }
+    } else if (BITS == 4) {
+        u8* p = dg + 2 * q;
+        if (avail >= 3 && (da & 1) == 0) {
+            *reinterpret_cast<u16*>(p) = (u16)codes;
+        } else if (avail > 0) {
+            p[0] = (u8)codes;
+            if (avail >= 3) {
+                p[1] = (u8)(codes >> 8);
+            }
+        }
+    } else {
+        u8* p = dg + 4 * q;
+        if (avail == 4 && (da & 3) == 0) {
+            *reinterpret_cast<u32*>(p) = codes;
+        } else {
+            for (u32 e = 0; e < avail; ++e) {
+                p[e] = (u8)(codes >> (8 * e));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quantize (grid-stride over groups; blockDim.x a multiple of 32).
 //
 // x: n_samples * sample_len contiguous f32. Outputs (layout: src/compress/quantize.rs):
 //   data   n_samples * ceil(sample_len * bits / 8) bytes
@@ -111,133 +259,308 @@ __device__ bool group_params(float mn, float mx, float levels, u16* mn_out, u16*
 //          2 * flat_index + kind, kind 0 = NonFinite (index of the first non-finite element of
 //          the group), kind 1 = RangeOverflow (index of the group's first element). Groups are
 //          disjoint ranges, so the minimum is the CPU's "first error in memory order".
-// bits in {1, 2, 4, 8}; group a positive multiple of 8 (both validated by the host).
+// bits in {1, 2, 4, 8}; group a positive multiple of 8, at most 2^30 (validated by the host).
+//
+// Work split: a "team" of T lanes per group, T = the power of two >= group / 4 capped at 32,
+// so a warp runs 32 / T groups side by side (T = 32 from group 128 up; group 8 -> T = 2).
+// Lane tl of a team handles the quads (4 consecutive elements) tl, tl + T, ... of its group:
+// each round of a team is one contiguous 16*T-byte span (float4 loads when the group starts
+// 16-byte aligned; sample_len may be odd, so groups can start anywhere).
+//   1. min / max (NaN-propagating) over the lane's quads, butterfly over the team.
+//   2. Every lane of the team runs group_params on the same inputs (no broadcast needed); lane
+//      0 stores the metadata or reports the error.
+//   3. The lane codes its quads and stores 4*bits bits per quad with one store (a byte for
+//      bits 2, u16 for 4, u32 for 8; bits 1: two lanes' nibbles make a byte) when aligned, else
+//      byte by byte.
+// Fast path (team-uniform): group start 16-byte aligned, whole quads, at most 2 quads per lane
+// (every group <= 256): the quads stay in registers between steps 1 and 3. Otherwise (larger
+// groups, unaligned starts, sample tails) step 3 re-reads the quads (L1/L2 hits).
+// A lane's RNG counter advances by 2T pairs per round, so the only 64-bit multiplies per
+// element pair are inside mix64.
 
-extern "C" __global__ void quantize(const float* __restrict__ x, u64 n_samples, u64 sample_len,
-                                    u64 group, u32 bits, u64 seed, u64 stream,
-                                    u8* __restrict__ data, u16* __restrict__ mins,
-                                    u16* __restrict__ scales, u64* __restrict__ err) {
-    __shared__ float s_mn[QBLOCK];
-    __shared__ float s_mx[QBLOCK];
-    __shared__ u64 s_bad[QBLOCK];
-    __shared__ float g_mn;
-    __shared__ float g_s;
-    __shared__ int g_ok;
-
+template <int BITS>
+__device__ __forceinline__ void quantize_impl(const float* __restrict__ x, u64 n_samples,
+                                              u64 sample_len, u64 group, u64 key,
+                                              u8* __restrict__ data, u16* __restrict__ mins,
+                                              u16* __restrict__ scales, u64* __restrict__ err) {
+    const float levels = (float)((1u << BITS) - 1u);
+    const float pinf = __uint_as_float(0x7F800000u);
     const u64 gps = (sample_len + group - 1) / group;
     const u64 total = n_samples * gps;
-    const u64 sb = (sample_len * bits + 7) / 8;
-    const float levels = (float)((1u << bits) - 1u);
-    const u32 per_byte = 8u / bits;
-    const u64 key = stream_key(seed, stream);
-    const float pinf = __uint_as_float(0x7F800000u);
-    const u32 tid = threadIdx.x;
+    const u64 sb = (sample_len * BITS + 7) / 8;
+    const u32 gq = group >= 128 ? 32u : (u32)(group >> 2);  // quads of a full group, capped
+    const u32 tlog = 32u - (u32)__clz((int)(gq - 1u));      // gq >= 2, so T >= 2
+    const u32 T = 1u << tlog;
+    const u32 lane = threadIdx.x & 31u;
+    const u32 team = lane >> tlog;
+    const u32 tl = lane & (T - 1u);
+    const u32 tmask = T == 32u ? FULL_MASK : ((1u << T) - 1u) << (team * T);
+    const u32 tpw = 32u >> tlog;  // teams (groups) per warp
+    const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const u64 nwarps = ((u64)gridDim.x * blockDim.x) >> 5;
+    const u64 zstep = (u64)(2u * T) * GAMMA;  // RNG counter step between a lane's rounds
 
-    for (u64 g = blockIdx.x; g < total; g += gridDim.x) {
-        const u64 n = g / gps;
-        const u64 k = g - n * gps;
-        const u64 start = k * group;  // inside the sample
+    // The team's group g = n * gps + k, walked without a division per group.
+    const u64 stride = nwarps * tpw;
+    u64 g = warp * tpw + team;
+    u64 n = g / gps;
+    u64 k = g - n * gps;
+    const u64 sn = stride / gps;
+    const u64 sk = stride - sn * gps;
+
+    for (u64 g0 = warp * tpw; g0 < total; g0 += stride) {  // warp-uniform trip count
+        const bool live = g < total;                        // team-uniform
+        const u64 start = k * group;                        // inside the sample
         const u64 rest = sample_len - start;
-        const u64 glen = rest < group ? rest : group;
+        const u32 glen = live ? (u32)(rest < group ? rest : group) : 0u;
+        const u32 nq = (glen + 3u) >> 2;
         const u64 index0 = n * sample_len + start;  // flat index of the group's first element
         const float* xg = x + index0;
+        const size_t xa = (size_t)xg;
+        const u32 vec = (xa & 15) == 0 ? 4u : ((xa & 7) == 0 ? 2u : 1u);
 
-        // 1. min, max and first non-finite position. Ties between +0 and -0 keep the earlier
-        //    operand, like the CPU's `if v < mn { v } else { mn }` (either sign dequantizes
-        //    identically; only the stored min's sign bit can differ between CPU ISAs).
+        // 1. min, max (non-finite values propagate). Fast path (the default group of 256 and
+        //    every smaller one, 16-byte aligned, whole quads): a lane holds at most 2 quads, kept
+        //    in registers for step 3. Otherwise any number of quads, re-read in step 3.
+        const bool fast = vec == 4u && (glen & 3u) == 0 && nq <= 2u * T;  // team-uniform
+        const bool has0 = tl < nq;
+        const bool has1 = tl + T < nq;
+        float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;
         float mn = pinf, mx = -pinf;
-        u64 bad = NO_ERROR;
-        for (u64 j = tid; j < glen; j += blockDim.x) {
-            float v = xg[j];
-            if (!is_finite_f(v) && bad == NO_ERROR) {
-                bad = j;
+        if (fast) {
+            if (has0) {
+                a = __ldg(reinterpret_cast<const float4*>(xg + 4 * tl));
             }
-            mn = v < mn ? v : mn;
-            mx = v > mx ? v : mx;
-        }
-        s_mn[tid] = mn;
-        s_mx[tid] = mx;
-        s_bad[tid] = bad;
-        __syncthreads();
-        for (u32 off = QBLOCK / 2; off > 0; off >>= 1) {
-            if (tid < off) {
-                float a = s_mn[tid + off];
-                float b = s_mx[tid + off];
-                u64 c = s_bad[tid + off];
-                s_mn[tid] = a < s_mn[tid] ? a : s_mn[tid];
-                s_mx[tid] = b > s_mx[tid] ? b : s_mx[tid];
-                s_bad[tid] = c < s_bad[tid] ? c : s_bad[tid];
+            if (has1) {
+                b = __ldg(reinterpret_cast<const float4*>(xg + 4 * (tl + T)));
             }
-            __syncthreads();
-        }
-        if (tid == 0) {
-            g_ok = 0;
-            if (s_bad[0] != NO_ERROR) {
-                atomicMin(err, 2ULL * (index0 + s_bad[0]));
-            } else {
-                u16 mb, sbits;
-                if (group_params(s_mn[0], s_mx[0], levels, &mb, &sbits)) {
-                    mins[g] = mb;
-                    scales[g] = sbits;
-                    g_mn = bf16_to_f32(mb);
-                    g_s = bf16_to_f32(sbits);
-                    g_ok = 1;
-                } else {
-                    atomicMin(err, 2ULL * index0 + 1ULL);
-                }
+            if (has0) {
+                mn = min4(a);
+                mx = max4(a);
+            }
+            if (has1) {
+                mn = min_nan(mn, min4(b));
+                mx = max_nan(mx, max4(b));
+            }
+        } else {
+            for (u32 q = tl; q < nq; q += T) {
+                float v[4];
+                load_quad<true>(xg + 4 * q, glen - 4 * q, vec, 0.0f, v);
+                mn = min_nan(mn, min_nan(min_nan(v[0], v[1]), min_nan(v[2], v[3])));
+                mx = max_nan(mx, max_nan(max_nan(v[0], v[1]), max_nan(v[2], v[3])));
             }
         }
-        __syncthreads();
+        for (u32 off = 1; off < T; off <<= 1) {  // lanes of a dead team hold (+inf, -inf)
+            mn = min_nan(mn, __shfl_xor_sync(FULL_MASK, mn, off));
+            mx = max_nan(mx, __shfl_xor_sync(FULL_MASK, mx, off));
+        }
 
-        // 2. Stochastic rounding and packing: one thread per output byte; code e of a byte sits
-        //    at bits [e*bits, (e+1)*bits). Elements past the group's end (sample tail) give 0.
-        if (g_ok) {
-            const float gmn = g_mn;
-            const float gs = g_s;
-            const u64 gbytes = (glen * bits + 7) / 8;
-            u8* dg = data + n * sb + (start * bits) / 8;  // group * bits is a multiple of 8
-            for (u64 b = tid; b < gbytes; b += blockDim.x) {
-                u32 byte = 0;
-                for (u32 e = 0; e < per_byte; ++e) {
-                    const u64 j = b * per_byte + e;
-                    if (j < glen) {
-                        const float t = __fmul_rn(__fsub_rn(xg[j], gmn), gs);
-                        const float fl = floorf(t);
-                        const float u = uniform_keyed(key, index0 + j);
-                        float qf = __fadd_rn(fl, u < __fsub_rn(t, fl) ? 1.0f : 0.0f);
-                        qf = qf > levels ? levels : qf;  // safety net, never fires
-                        byte |= ((u32)qf) << (e * bits);
+        // 2. Metadata or error.
+        bool ok = false;
+        float gmn = 0.0f, gs = 0.0f;
+        if (live) {
+            if (!is_finite_f(mn) || !is_finite_f(mx)) {
+                // Rare: the group's first non-finite element. A lane's quads are in memory
+                // order, so its first hit is its minimum; then the team's minimum.
+                u32 first = 0xFFFFFFFFu;
+                for (u32 q = tl; q < nq && first == 0xFFFFFFFFu; q += T) {
+                    const u32 m = min(4u, glen - 4 * q);
+                    for (u32 e = 0; e < m; ++e) {
+                        if (!is_finite_f(xg[4 * q + e])) {
+                            first = 4 * q + e;
+                            break;
+                        }
                     }
                 }
-                dg[b] = (u8)byte;
+                for (u32 off = 1; off < T; off <<= 1) {
+                    first = min(first, __shfl_xor_sync(tmask, first, off));
+                }
+                if (tl == 0) {
+                    atomicMin(err, 2ULL * (index0 + first));
+                }
+            } else {
+                u16 mb = 0, sbits = 0;
+                ok = group_params(mn, mx, levels, &mb, &sbits);
+                if (tl == 0) {
+                    if (ok) {
+                        mins[g] = mb;
+                        scales[g] = sbits;
+                    } else {
+                        atomicMin(err, 2ULL * index0 + 1ULL);
+                    }
+                }
+                gmn = bf16_to_f32(mb);
+                gs = bf16_to_f32(sbits);
             }
         }
-        __syncthreads();  // shared state is rewritten by the next group
+
+        // 3. Codes. Elements past the group's end (sample tail) give code 0.
+        if (ok) {
+            u8* dg = data + n * sb + ((start * BITS) >> 3);  // group * bits is a multiple of 8
+            const size_t da = (size_t)dg;
+            const bool odd = (index0 & 1) != 0;
+            u64 z = key + ((index0 + 4 * tl) >> 1) * GAMMA;
+            if (fast) {
+                const u32 c0 = has0 ? encode_quad<BITS>(a, z, odd, gmn, gs) : 0u;
+                store_quad<BITS>(dg, da, tl, has0 ? 4u : 0u, c0, lane);
+                const u32 c1 = has1 ? encode_quad<BITS>(b, z + zstep, odd, gmn, gs) : 0u;
+                store_quad<BITS>(dg, da, tl + T, has1 ? 4u : 0u, c1, lane);
+            } else {
+                const u32 qend = BITS == 1 ? (nq + 1u) & ~1u : nq;  // bits 1: whole lane pairs
+                for (u32 q = tl; q < qend; q += T, z += zstep) {
+                    u32 codes = 0;
+                    const u32 avail = q < nq ? min(4u, glen - 4 * q) : 0u;
+                    if (avail > 0) {
+                        float v[4];
+                        load_quad<false>(xg + 4 * q, avail, vec, gmn, v);
+                        codes = encode_quad<BITS>(make_float4(v[0], v[1], v[2], v[3]), z, odd,
+                                                  gmn, gs);
+                    }
+                    store_quad<BITS>(dg, da, q, avail, codes, lane);
+                }
+            }
+        }
+
+        g += stride;
+        n += sn;
+        k += sk;
+        if (k >= gps) {
+            k -= gps;
+            ++n;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    quantize(const float* __restrict__ x, u64 n_samples, u64 sample_len, u64 group, u32 bits,
+             u64 seed, u64 stream, u8* __restrict__ data, u16* __restrict__ mins,
+             u16* __restrict__ scales, u64* __restrict__ err) {
+    const u64 key = stream_key(seed, stream);
+    switch (bits) {
+        case 1:
+            quantize_impl<1>(x, n_samples, sample_len, group, key, data, mins, scales, err);
+            break;
+        case 2:
+            quantize_impl<2>(x, n_samples, sample_len, group, key, data, mins, scales, err);
+            break;
+        case 4:
+            quantize_impl<4>(x, n_samples, sample_len, group, key, data, mins, scales, err);
+            break;
+        default:
+            quantize_impl<8>(x, n_samples, sample_len, group, key, data, mins, scales, err);
+            break;
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Dequantize: x' = q / s + mn, one thread per element (grid-stride). `data`, `mins`, `scales`
+// Dequantize: x' = q / s + mn (the CPU's `q as f32 / s + mn`: IEEE division, then addition).
+// One thread per quad (4 consecutive elements of a sample; quads never cross groups, as a group
+// is a multiple of 8), grid-stride: one float4 store per quad when the output is 16-byte
+// aligned (every quad when sample_len % 4 == 0), else 4-byte stores. `data`, `mins`, `scales`
 // may point at sample `first` of a larger tensor (the host offsets the pointers).
+// (qps_m, qps_l) and (qpg_m, qpg_l): fast_div constants for quads per sample ceil(sample_len/4)
+// and quads per group group/4, used when the quad count fits in 32 bits (else u64 division).
+
+template <int BITS>
+__device__ __forceinline__ void dequantize_impl(const u8* __restrict__ data,
+                                                const u16* __restrict__ mins,
+                                                const u16* __restrict__ scales, u64 n_samples,
+                                                u64 sample_len, u64 group, float* __restrict__ out,
+                                                u32 qps_m, u32 qps_l, u32 qpg_m, u32 qpg_l) {
+    const u64 qps = (sample_len + 3) >> 2;
+    const u64 qpg = group >> 2;
+    const u64 total = n_samples * qps;
+    const u64 gps = (sample_len + group - 1) / group;
+    const u64 sb = (sample_len * BITS + 7) / 8;
+    const bool narrow = (total >> 32) == 0;
+    const u32 mask = (1u << BITS) - 1u;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+        u64 n, q, k;
+        if (narrow) {
+            const u32 n32 = fast_div((u32)i, qps_m, qps_l);
+            const u32 q32 = (u32)i - n32 * (u32)qps;
+            n = n32;
+            q = q32;
+            k = fast_div(q32, qpg_m, qpg_l);
+        } else {
+            n = i / qps;
+            q = i - n * qps;
+            k = q / qpg;
+        }
+        const u64 gi = n * gps + k;
+        const float mn = bf16_to_f32(__ldg(mins + gi));
+        const float s = bf16_to_f32(__ldg(scales + gi));
+        const u64 j0 = 4 * q;
+        const u64 left = sample_len - j0;
+        const u32 avail = left < 4 ? (u32)left : 4u;
+        const u8* ds = data + n * sb;
+        u32 codes;
+        if (BITS == 1) {
+            codes = (u32)__ldg(ds + (q >> 1)) >> (4 * (u32)(q & 1));
+        } else if (BITS == 2) {
+            codes = __ldg(ds + q);
+        } else if (BITS == 4) {
+            const u8* p = ds + 2 * q;
+            if (avail < 3) {
+                codes = __ldg(p);
+            } else if (((size_t)p & 1) == 0) {
+                codes = __ldg(reinterpret_cast<const u16*>(p));
+            } else {
+                codes = (u32)__ldg(p) | ((u32)__ldg(p + 1) << 8);
+            }
+        } else {
+            const u8* p = ds + 4 * q;
+            if (avail == 4 && ((size_t)p & 3) == 0) {
+                codes = __ldg(reinterpret_cast<const u32*>(p));
+            } else {
+                codes = __ldg(p);
+                for (u32 e = 1; e < avail; ++e) {
+                    codes |= (u32)__ldg(p + e) << (8 * e);
+                }
+            }
+        }
+        float y[4];
+#pragma unroll
+        for (u32 e = 0; e < 4; ++e) {
+            // (float)code exactly, without a conversion instruction: 2^23 + c, minus 2^23.
+            const u32 c = (codes >> (e * BITS)) & mask;
+            const float cf = __fsub_rn(__uint_as_float(0x4B000000u | c), MAGIC23);
+            y[e] = __fadd_rn(__fdiv_rn(cf, s), mn);
+        }
+        float* o = out + n * sample_len + j0;
+        if (avail == 4 && ((size_t)o & 15) == 0) {
+            *reinterpret_cast<float4*>(o) = make_float4(y[0], y[1], y[2], y[3]);
+        } else {
+            for (u32 e = 0; e < avail; ++e) {
+                o[e] = y[e];
+            }
+        }
+    }
+}
 
 extern "C" __global__ void dequantize(const u8* __restrict__ data, const u16* __restrict__ mins,
                                       const u16* __restrict__ scales, u64 n_samples,
                                       u64 sample_len, u64 group, u32 bits,
-                                      float* __restrict__ out) {
-    const u64 len = n_samples * sample_len;
-    const u64 gps = (sample_len + group - 1) / group;
-    const u64 sb = (sample_len * bits + 7) / 8;
-    const u32 mask = (1u << bits) - 1u;
-    const u64 stride = (u64)gridDim.x * blockDim.x;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += stride) {
-        const u64 n = i / sample_len;
-        const u64 j = i - n * sample_len;
-        const u64 gi = n * gps + j / group;
-        const u64 bit = j * bits;
-        const u32 code = ((u32)data[n * sb + (bit >> 3)] >> (u32)(bit & 7)) & mask;
-        const float mn = bf16_to_f32(mins[gi]);
-        const float s = bf16_to_f32(scales[gi]);
-        out[i] = __fadd_rn(__fdiv_rn((float)code, s), mn);
+                                      float* __restrict__ out, u32 qps_m, u32 qps_l, u32 qpg_m,
+                                      u32 qpg_l) {
+    switch (bits) {
+        case 1:
+            dequantize_impl<1>(data, mins, scales, n_samples, sample_len, group, out, qps_m,
+                               qps_l, qpg_m, qpg_l);
+            break;
+        case 2:
+            dequantize_impl<2>(data, mins, scales, n_samples, sample_len, group, out, qps_m,
+                               qps_l, qpg_m, qpg_l);
+            break;
+        case 4:
+            dequantize_impl<4>(data, mins, scales, n_samples, sample_len, group, out, qps_m,
+                               qps_l, qpg_m, qpg_l);
+            break;
+        default:
+            dequantize_impl<8>(data, mins, scales, n_samples, sample_len, group, out, qps_m,
+                               qps_l, qpg_m, qpg_l);
+            break;
     }
 }
 
@@ -256,7 +579,8 @@ extern "C" __global__ void rng_uniform(u64 seed, u64 stream, u64 start, u64 len,
 // ---------------------------------------------------------------------------------------------
 // BitMask (src/compress/bitpack.rs): element i is bit i % 64 of words[i / 64], unused high bits
 // of the last word zero. mask_pack sets the bit where x > 0 (NaN gives 0), like
-// BitMask::positive. One warp per word (two ballots); blockDim.x must be a multiple of 32.
+// BitMask::positive. A warp makes 4 words per round: 8 coalesced 128-byte loads in flight, then
+// one ballot per 32 elements; blockDim.x must be a multiple of 32.
 
 extern "C" __global__ void mask_pack(const float* __restrict__ x, u64 len,
                                      u64* __restrict__ words) {
@@ -264,25 +588,51 @@ extern "C" __global__ void mask_pack(const float* __restrict__ x, u64 len,
     const u32 lane = threadIdx.x & 31u;
     const u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const u64 nwarps = ((u64)gridDim.x * blockDim.x) >> 5;
-    for (u64 w = warp; w < nw; w += nwarps) {  // w is warp-uniform: ballots are safe
-        const u64 i0 = w * 64 + lane;
-        const u64 i1 = i0 + 32;
-        const bool p0 = i0 < len && x[i0] > 0.0f;
-        const bool p1 = i1 < len && x[i1] > 0.0f;
-        const u32 b0 = __ballot_sync(0xFFFFFFFFu, p0);
-        const u32 b1 = __ballot_sync(0xFFFFFFFFu, p1);
-        if (lane == 0) {
-            words[w] = (u64)b0 | ((u64)b1 << 32);
+    for (u64 w0 = warp * 4; w0 < nw; w0 += nwarps * 4) {  // w0 is warp-uniform: ballots are safe
+        const u64 i0 = w0 * 64 + lane;
+        float v[8];
+#pragma unroll
+        for (u32 m = 0; m < 8; ++m) {
+            const u64 i = i0 + 32 * m;
+            v[m] = i < len ? __ldg(x + i) : 0.0f;
+        }
+        u32 b[8];
+#pragma unroll
+        for (u32 m = 0; m < 8; ++m) {
+            b[m] = __ballot_sync(FULL_MASK, v[m] > 0.0f);
+        }
+        // Lane j < 4 writes word w0 + j = ballots 2j (low half) and 2j + 1 (high half).
+        const u32 lo = lane == 0 ? b[0] : lane == 1 ? b[2] : lane == 2 ? b[4] : b[6];
+        const u32 hi = lane == 0 ? b[1] : lane == 1 ? b[3] : lane == 2 ? b[5] : b[7];
+        if (lane < 4 && w0 + lane < nw) {
+            words[w0 + lane] = (u64)lo | ((u64)hi << 32);
         }
     }
 }
 
-// out[i] = bit i set ? if_set : if_clear (BitMask::select_into).
+// out[i] = bit i set ? if_set : if_clear (BitMask::select_into). One thread per 4 elements (a
+// nibble of a word): one float4 store when `out` is 16-byte aligned (a fresh allocation is).
 extern "C" __global__ void mask_unpack(const u64* __restrict__ words, u64 len, float if_set,
                                        float if_clear, float* __restrict__ out) {
+    const u64 nq = (len + 3) >> 2;
+    const bool vec = ((size_t)out & 15) == 0;
     const u64 stride = (u64)gridDim.x * blockDim.x;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += stride) {
-        out[i] = ((words[i >> 6] >> (i & 63)) & 1ULL) ? if_set : if_clear;
+    for (u64 q = (u64)blockIdx.x * blockDim.x + threadIdx.x; q < nq; q += stride) {
+        const u32 nib = (u32)(__ldg(words + (q >> 4)) >> (4 * (u32)(q & 15))) & 0xFu;
+        const float y0 = (nib & 1u) ? if_set : if_clear;
+        const float y1 = (nib & 2u) ? if_set : if_clear;
+        const float y2 = (nib & 4u) ? if_set : if_clear;
+        const float y3 = (nib & 8u) ? if_set : if_clear;
+        float* o = out + 4 * q;
+        if (vec && 4 * q + 4 <= len) {
+            *reinterpret_cast<float4*>(o) = make_float4(y0, y1, y2, y3);
+        } else {
+            const u64 m = len - 4 * q < 4 ? len - 4 * q : 4;
+            o[0] = y0;
+            if (m > 1) o[1] = y1;
+            if (m > 2) o[2] = y2;
+            if (m > 3) o[3] = y3;
+        }
     }
 }
 

@@ -8,11 +8,13 @@
 
 use actrain::compress::cuda::{
     dequantize_cuda, dequantize_samples_cuda, fill_uniform_cuda, mask_pack_cuda, mask_unpack_cuda,
-    quantize_cuda, uints_pack_cuda, uints_unpack_cuda, CudaCompressError, CudaQuantized,
+    quantize_cuda, quantize_kernel_ms, uints_pack_cuda, uints_unpack_cuda, CudaCompressError,
+    CudaQuantized,
 };
 use actrain::compress::{
     self, dequantize_to_vec, uniform, BitMask, PackedUints, QuantError, QuantParams,
 };
+use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::{CudaDevice, DType, Device, Tensor};
 use half::bf16;
 use std::time::Instant;
@@ -167,11 +169,17 @@ fn rng_matches_cpu() {
 #[test]
 fn quantize_matches_cpu_every_width_and_odd_sizes() {
     let dev = gpu();
+    // (n_samples, sample_len, group). The kernel's paths: team size T = 2..32 lanes per group
+    // (group 8 .. >= 128), the register fast path (16-byte aligned start, whole quads, group
+    // <= 256) and the general one (odd sample_len: unaligned group starts, odd flat indices
+    // for the RNG pairs; tail groups of any length; groups > 256 re-read), bits 1's lane pairs
+    // with an odd quad count.
     let shapes: &[(usize, usize, usize)] = &[
         (1, 1, 256),
         (1, 7, 8),
         (3, 7, 8),
         (2, 9, 8),
+        (5, 3, 8),
         (2, 1001, 256),
         (5, 256, 256),
         (4, 257, 64),
@@ -180,6 +188,17 @@ fn quantize_matches_cpu_every_width_and_odd_sizes() {
         (1, 70_001, 256),
         (7, 3, 16),
         (2, 513, 520),
+        (3, 200, 24),
+        (5, 101, 24),
+        (9, 52, 8),
+        (4, 1024, 1024),
+        (6, 1028, 1024),
+        (3, 1030, 256),
+        (2, 4096, 256),
+        (33, 260, 128),
+        (17, 255, 40),
+        (2, 300, 4096),
+        (3, 12, 8),
     ];
     for bits in [1u8, 2, 4, 8] {
         for (k, &(n, sl, g)) in shapes.iter().enumerate() {
@@ -240,6 +259,34 @@ fn dequantize_samples_matches_cpu() {
         );
     }
     assert!(dequantize_samples_cuda(&q, 8, 2, (2, sl)).is_err());
+    // Every width, with odd sample lengths and first > 0: the data, mins and scales views then
+    // start at any byte (u16 / u32 code loads fall back to bytes), outputs at any 4-byte offset.
+    for bits in [1u8, 2, 4, 8] {
+        for &(n, sl, group) in &[(7usize, 13usize, 8usize), (5, 333, 24), (6, 1001, 256)] {
+            let x = data(n * sl, sl as u64 + bits as u64);
+            let p = QuantParams {
+                bits,
+                group,
+                seed: 3,
+                stream: 4,
+            };
+            let cpu = compress::quantize(&x, sl, &p).unwrap();
+            let all = dequantize_to_vec(&cpu);
+            let q = quantize_cuda(&Tensor::from_slice(&x, (n, sl), &dev).unwrap(), sl, &p).unwrap();
+            for (first, count) in [(1, 1), (1, n - 1), (3, 2), (n - 1, 1)] {
+                let mut want = vec![0.0f32; count * sl];
+                compress::dequantize_samples(&cpu, first, count, &mut want).unwrap();
+                assert_bits_eq(&want, &all[first * sl..(first + count) * sl], "cpu samples");
+                let got = dequantize_samples_cuda(&q, first, count, (count, sl)).unwrap();
+                let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert_bits_eq(
+                    &got,
+                    &want,
+                    &format!("bits {bits} sample_len {sl} group {group} samples {first}+{count}"),
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -301,31 +348,64 @@ fn errors_match_cpu() {
             "nan before overflow",
         ),
     ];
-    for (pokes, what) in cases {
-        let mut x = data(3 * sl, 1);
-        for &(i, v) in &pokes {
-            x[i] = v;
-        }
-        let want = compress::quantize(&x, sl, &p).unwrap_err();
-        let t = Tensor::from_slice(&x, (3, sl), &dev).unwrap();
-        let got = quant_err(quantize_cuda(&t, sl, &p));
-        match (got, want) {
-            (
-                QuantError::NonFinite {
-                    index: a,
-                    value: va,
-                },
-                QuantError::NonFinite {
-                    index: b,
-                    value: vb,
-                },
-            ) => {
-                assert_eq!(a, b, "{what}");
-                assert_eq!(va.to_bits(), vb.to_bits(), "{what}");
-            }
-            (g, w) => assert_eq!(g, w, "{what}"),
-        }
-    }
+    run_error_cases(&dev, sl, &p, cases);
+    // Group 1024 (4 quads per lane, general path) with an odd sample_len (unaligned groups):
+    // the first non-finite element of a group sits in a later lane / round than another one.
+    let sl = 2053;
+    let p = QuantParams {
+        group: 1024,
+        ..QuantParams::new(4, 0, 0)
+    };
+    let cases: Vec<(Vec<(usize, f32)>, &str)> = vec![
+        (
+            vec![(2053 + 700, f32::NAN), (2053 + 5, f32::INFINITY)],
+            "late lane",
+        ),
+        (
+            vec![(2053 + 1024 + 900, f32::NAN), (2053 + 1024 + 131, f32::NAN)],
+            "later round first",
+        ),
+        (
+            vec![(4 * 2053 - 1, f32::NAN), (4 * 2053 - 3, f32::NAN)],
+            "tail group",
+        ),
+        (
+            vec![(2 * 2053 + 3, -f32::MAX), (2 * 2053 + 1000, f32::MAX)],
+            "overflow, unaligned group",
+        ),
+        (
+            vec![
+                (2 * 2053 + 1030, f32::NAN),
+                (2053 + 2048, -f32::MAX),
+                (2053 + 2050, f32::MAX),
+            ],
+            "tail group overflow before a later nan",
+        ),
+    ];
+    run_error_cases(&dev, sl, &p, cases);
+    // Group 8 (teams of 2 lanes, 16 groups per warp), aligned: errors of different teams of
+    // one warp, the first in memory order wins.
+    let sl = 64;
+    let p = QuantParams {
+        group: 8,
+        ..QuantParams::new(1, 0, 0)
+    };
+    let cases: Vec<(Vec<(usize, f32)>, &str)> = vec![
+        (
+            vec![(64 + 7, f32::NAN), (64 + 9, f32::NEG_INFINITY)],
+            "group 8 nan",
+        ),
+        (
+            vec![(64 + 13, f32::NAN), (64 + 2, -f32::MAX), (64 + 5, f32::MAX)],
+            "group 8 overflow",
+        ),
+        (
+            vec![(64 + 30, f32::INFINITY), (64 + 29, f32::NAN)],
+            "group 8 second quad",
+        ),
+    ];
+    run_error_cases(&dev, sl, &p, cases);
+
     let t = Tensor::zeros(12, DType::F32, &dev).unwrap();
     for (p, sl) in [
         (
@@ -347,6 +427,40 @@ fn errors_match_cpu() {
     ] {
         let want = compress::quantize(&[0.0; 12], sl, &p).unwrap_err();
         assert_eq!(quant_err(quantize_cuda(&t, sl, &p)), want);
+    }
+}
+
+/// Pokes values into 4 samples of `data` and compares the GPU's error with the CPU's.
+fn run_error_cases(
+    dev: &Device,
+    sl: usize,
+    p: &QuantParams,
+    cases: Vec<(Vec<(usize, f32)>, &str)>,
+) {
+    for (pokes, what) in cases {
+        let mut x = data(4 * sl, 1);
+        for &(i, v) in &pokes {
+            x[i] = v;
+        }
+        let want = compress::quantize(&x, sl, p).unwrap_err();
+        let t = Tensor::from_slice(&x, (4, sl), dev).unwrap();
+        let got = quant_err(quantize_cuda(&t, sl, p));
+        match (got, want) {
+            (
+                QuantError::NonFinite {
+                    index: a,
+                    value: va,
+                },
+                QuantError::NonFinite {
+                    index: b,
+                    value: vb,
+                },
+            ) => {
+                assert_eq!(a, b, "{what}");
+                assert_eq!(va.to_bits(), vb.to_bits(), "{what}");
+            }
+            (g, w) => assert_eq!(g, w, "{what}"),
+        }
     }
 }
 
@@ -413,52 +527,117 @@ fn uints_match_cpu() {
     }
 }
 
-fn time_ms<F: FnMut()>(dev: &Device, reps: usize, mut f: F) -> f64 {
-    f(); // warm-up (module load, allocator pool)
-    dev.synchronize().unwrap();
-    let t0 = Instant::now();
-    for _ in 0..reps {
-        f();
-    }
-    dev.synchronize().unwrap();
-    t0.elapsed().as_secs_f64() * 1e3 / reps as f64
+// ---------------------------------------------------------------------------------------------
+// Benchmarks (`#[ignore]`d). Each prints `BENCH` lines for scripts/gpu-check.sh's table:
+// milliseconds (median of REPS timed runs after a warm-up), bytes moved (read + written,
+// metadata included), GB/s (1e9 bytes) and that as a percentage of the device-to-device copy
+// bandwidth measured in the same run (`BENCH copy`, also read + written).
+
+const REPS: usize = 30;
+
+fn median(mut v: Vec<f32>) -> f64 {
+    assert!(!v.is_empty());
+    v.sort_by(f32::total_cmp);
+    v[v.len() / 2] as f64
 }
 
-/// Throughput of quantize / dequantize on the GPU and on the host CPU (same data).
+/// GPU time of each of `reps` back-to-back calls of `f` (CUDA events recorded between the
+/// calls on the device's stream, no host synchronisation in between), after one warm-up call.
+/// Right for calls that only enqueue work (allocations from candle's stream-ordered pool,
+/// launches); the median hides launch gaps at the start.
+fn event_ms<F: FnMut()>(dev: &Device, reps: usize, mut f: F) -> f64 {
+    let stream = cuda(dev).cuda_stream();
+    let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    f();
+    let mut events = vec![stream.record_event(timing).unwrap()];
+    for _ in 0..reps {
+        f();
+        events.push(stream.record_event(timing).unwrap());
+    }
+    let ms = events
+        .windows(2)
+        .map(|w| w[0].elapsed_ms(&w[1]).unwrap())
+        .collect();
+    median(ms)
+}
+
+/// Wall time of each of `reps` calls of `f` that synchronise themselves (quantize_cuda reads
+/// its error flag), after one warm-up call.
+fn host_ms<F: FnMut()>(dev: &Device, reps: usize, mut f: F) -> f64 {
+    f();
+    dev.synchronize().unwrap();
+    let ms = (0..reps)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f32() * 1e3
+        })
+        .collect();
+    median(ms)
+}
+
+/// Device-to-device copy of `bytes` bytes (cuMemcpyDtoDAsync on the device's stream): GB/s of
+/// bytes read + written. The reference for every kernel's percentage.
+fn copy_gbps(dev: &Device, bytes: usize) -> f64 {
+    let stream = cuda(dev).cuda_stream();
+    let src = stream.alloc_zeros::<u8>(bytes).unwrap();
+    let mut dst = stream.alloc_zeros::<u8>(bytes).unwrap();
+    let ms = event_ms(dev, REPS, || stream.memcpy_dtod(&src, &mut dst).unwrap());
+    let gbps = 2.0 * bytes as f64 / (ms * 1e6);
+    println!(
+        "BENCH copy MB={:.1} ms={ms:.4} GBps={gbps:.0}",
+        2.0 * bytes as f64 / 1e6
+    );
+    gbps
+}
+
+fn bench_line(what: &str, ms: f64, bytes: usize, copy: f64, extra: &str) {
+    let gbps = bytes as f64 / (ms * 1e6);
+    println!(
+        "BENCH {what} ms={ms:.4} MB={:.1} GBps={gbps:.0} copy%={:.0}{extra}",
+        bytes as f64 / 1e6,
+        100.0 * gbps / copy
+    );
+}
+
+/// Quantize / dequantize throughput at every width, 64M f32 (256 MiB), group 256.
+/// `quantize`: the kernel alone (quantize_kernel_ms: back-to-back launches into preallocated
+/// outputs); `call_ms`: the whole quantize_cuda call (allocations, kernel, one stream
+/// synchronisation for the error flag), host clock. `dequantize`: dequantize_cuda calls
+/// (allocation from the pool + kernel), CUDA events.
 /// `cargo test --release --features cuda --test cuda -- --ignored --nocapture bench_`
 #[test]
 #[ignore]
 fn bench_quantize() {
     let dev = gpu();
-    let (n, sl) = (64usize, 1usize << 20); // 64M elements = 256 MiB of f32
-    let x = data(n * sl, 9);
+    let (n, sl) = (64usize, 1usize << 20);
+    let len = n * sl;
+    let x = data(len, 9);
     let t = Tensor::from_slice(&x, (n, sl), &dev).unwrap();
+    let copy = copy_gbps(&dev, len * 4);
     for bits in [1u8, 2, 4, 8] {
         let p = QuantParams::new(bits, 1, 2);
-        let gq = time_ms(&dev, 10, || {
+        let q = quantize_cuda(&t, sl, &p).unwrap();
+        let moved = len * 4 + q.stored_bytes();
+        let kernel = median(quantize_kernel_ms(&t, sl, &p, REPS).unwrap());
+        let call = host_ms(&dev, REPS, || {
             quantize_cuda(&t, sl, &p).unwrap();
         });
-        let q = quantize_cuda(&t, sl, &p).unwrap();
-        let gd = time_ms(&dev, 10, || {
+        bench_line(
+            &format!("quantize bits={bits}"),
+            kernel,
+            moved,
+            copy,
+            &format!(" call_ms={call:.3}"),
+        );
+        let deq = event_ms(&dev, REPS, || {
             dequantize_cuda(&q, (n, sl)).unwrap();
         });
-        let t0 = Instant::now();
-        let c = compress::quantize(&x, sl, &p).unwrap();
-        let cq = t0.elapsed().as_secs_f64() * 1e3;
-        let t0 = Instant::now();
-        let _ = dequantize_to_vec(&c);
-        let cd = t0.elapsed().as_secs_f64() * 1e3;
-        let gb = (n * sl * 4) as f64 / 1e9;
-        println!(
-            "BENCH quantize bits={bits} elems={} gpu_ms={gq:.3} gpu_GBps={:.1} cpu_ms={cq:.1} \
-             | dequantize gpu_ms={gd:.3} gpu_GBps={:.1} cpu_ms={cd:.1}",
-            n * sl,
-            gb / (gq / 1e3),
-            gb / (gd / 1e3),
-        );
+        bench_line(&format!("dequantize bits={bits}"), deq, moved, copy, "");
     }
 }
 
+/// mask_pack / mask_unpack throughput, 64M elements, CUDA events.
 #[test]
 #[ignore]
 fn bench_masks() {
@@ -466,17 +645,15 @@ fn bench_masks() {
     let len = 1usize << 26;
     let x = data(len, 3);
     let t = Tensor::from_slice(&x, len, &dev).unwrap();
-    let gp = time_ms(&dev, 10, || {
+    let copy = copy_gbps(&dev, len * 4);
+    let m = mask_pack_cuda(&t).unwrap();
+    let moved = len * 4 + m.stored_bytes();
+    let pack = event_ms(&dev, REPS, || {
         mask_pack_cuda(&t).unwrap();
     });
-    let m = mask_pack_cuda(&t).unwrap();
-    let gu = time_ms(&dev, 10, || {
+    bench_line("mask_pack", pack, moved, copy, "");
+    let unpack = event_ms(&dev, REPS, || {
         mask_unpack_cuda(&m, 1.0, 0.0, len).unwrap();
     });
-    let gb = (len * 4) as f64 / 1e9;
-    println!(
-        "BENCH mask elems={len} pack_gpu_ms={gp:.3} pack_GBps={:.1} unpack_gpu_ms={gu:.3} unpack_GBps={:.1}",
-        gb / (gp / 1e3),
-        gb / (gu / 1e3)
-    );
+    bench_line("mask_unpack", unpack, moved, copy, "");
 }

@@ -18,7 +18,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    sys, CudaFunction, CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
@@ -32,12 +32,10 @@ use super::quantize::{QuantParams, MAX_GROUP};
 pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quantize.ptx"));
 /// Name under which candle caches the loaded module.
 const MODULE: &str = "actrain_compress";
-/// Threads per block of the quantize kernel (`QBLOCK` in the .cu file).
-const QBLOCK: u32 = 256;
-/// Threads per block of the element-wise kernels (a multiple of 32: `mask_pack` uses ballots).
+/// Threads per block of every kernel (a multiple of 32: `quantize` and `mask_pack` work per
+/// warp).
 const EBLOCK: u32 = 256;
-/// Grid caps: every kernel loops grid-stride, so capping the grid only bounds the launch.
-const MAX_GROUP_BLOCKS: u64 = 1 << 20;
+/// Grid cap of the kernels launched with [`elem_cfg`] (they loop grid-stride).
 const MAX_ELEM_BLOCKS: u64 = 1 << 16;
 /// `err` value meaning "no error" (kernels atomicMin into it).
 const NO_ERROR: u64 = u64::MAX;
@@ -242,28 +240,16 @@ pub fn quantize_cuda(t: &Tensor, sample_len: usize, p: &QuantParams) -> Result<C
         let mut scales = unsafe { dev.alloc::<u16>(groups.max(1))? };
         if len > 0 {
             let mut err = stream.clone_htod(&[NO_ERROR]).w()?;
-            let func = dev.get_or_load_custom_func("quantize", MODULE, PTX)?;
-            let (n64, sl, g, bits) = (n as u64, sample_len as u64, p.group as u64, p.bits as u32);
-            let cfg = LaunchConfig {
-                grid_dim: ((groups as u64).min(MAX_GROUP_BLOCKS) as u32, 1, 1),
-                block_dim: (QBLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut b = func.builder();
-            b.arg(&x);
-            b.arg(&n64);
-            b.arg(&sl);
-            b.arg(&g);
-            b.arg(&bits);
-            b.arg(&p.seed);
-            b.arg(&p.stream);
-            b.arg(&mut data);
-            b.arg(&mut mins);
-            b.arg(&mut scales);
-            b.arg(&mut err);
-            // SAFETY: argument list matches `quantize` in kernels/quantize.cu; buffer sizes
-            // match the layout computed above; the kernel indexes only inside them.
-            unsafe { b.launch(cfg) }.w()?;
+            launch_quantize(
+                dev,
+                &x,
+                sample_len,
+                p,
+                &mut data,
+                &mut mins,
+                &mut scales,
+                &mut err,
+            )?;
             let code = dtoh(dev, &err)?[0];
             if code != NO_ERROR {
                 let index = (code >> 1) as usize;
@@ -286,6 +272,102 @@ pub fn quantize_cuda(t: &Tensor, sample_len: usize, p: &QuantParams) -> Result<C
             scales,
             device: dev.clone(),
         })
+    })
+}
+
+/// Launches `quantize` (no synchronisation). `x` holds `n * sample_len` elements, `len > 0`,
+/// parameters validated; the outputs have the layout's sizes.
+#[allow(clippy::too_many_arguments)]
+fn launch_quantize(
+    dev: &CudaDevice,
+    x: &CudaView<'_, f32>,
+    sample_len: usize,
+    p: &QuantParams,
+    data: &mut CudaSlice<u8>,
+    mins: &mut CudaSlice<u16>,
+    scales: &mut CudaSlice<u16>,
+    err: &mut CudaSlice<u64>,
+) -> Result<()> {
+    let n = x.len() / sample_len;
+    let groups = (n * sample_len.div_ceil(p.group)) as u64;
+    let func = dev.get_or_load_custom_func("quantize", MODULE, PTX)?;
+    // A team of T lanes per group (the power of two >= group / 4, at most 32): 32 / T groups
+    // per warp, 8 warps per block.
+    let team = (p.group as u64 / 4).next_power_of_two().min(32);
+    let groups_per_block = (32 / team) * (EBLOCK as u64 / 32);
+    let cfg = wave_cfg(dev, &func, groups.div_ceil(groups_per_block))?;
+    let (n64, sl, g, bits) = (n as u64, sample_len as u64, p.group as u64, p.bits as u32);
+    let mut b = func.builder();
+    b.arg(x);
+    b.arg(&n64);
+    b.arg(&sl);
+    b.arg(&g);
+    b.arg(&bits);
+    b.arg(&p.seed);
+    b.arg(&p.stream);
+    b.arg(data);
+    b.arg(mins);
+    b.arg(scales);
+    b.arg(err);
+    // SAFETY: argument list matches `quantize` in kernels/quantize.cu; buffer sizes match the
+    // layout; the kernel indexes only inside them.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// Benchmark hook, not API: times `reps` back-to-back launches of the quantize kernel alone
+/// (outputs allocated once, error flag never read, so no host synchronisation between
+/// launches) with CUDA events, after one warm-up launch. Returns each launch's milliseconds.
+/// [`quantize_cuda`] adds to this the allocations and one stream synchronisation (it reads the
+/// error flag).
+#[doc(hidden)]
+pub fn quantize_kernel_ms(
+    t: &Tensor,
+    sample_len: usize,
+    p: &QuantParams,
+    reps: usize,
+) -> Result<Vec<f32>> {
+    validate(p.bits, p.group)?;
+    let len = t.elem_count();
+    check_shape(len, sample_len)?;
+    check_dtype(t, DType::F32, "quantize_kernel_ms")?;
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let n = len / sample_len;
+    let groups = n * sample_len.div_ceil(p.group);
+    let data_len = n * (sample_len * p.bits as usize).div_ceil(8);
+    with_view::<f32, _>(t, |dev, x| {
+        let stream = dev.cuda_stream();
+        // SAFETY: written by the kernel, never read here.
+        let mut data = unsafe { dev.alloc::<u8>(data_len.max(1))? };
+        let mut mins = unsafe { dev.alloc::<u16>(groups.max(1))? };
+        let mut scales = unsafe { dev.alloc::<u16>(groups.max(1))? };
+        let mut err = stream.clone_htod(&[NO_ERROR]).w()?;
+        let mut launch = || {
+            launch_quantize(
+                dev,
+                &x,
+                sample_len,
+                p,
+                &mut data,
+                &mut mins,
+                &mut scales,
+                &mut err,
+            )
+        };
+        launch()?;
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut events = vec![stream.record_event(timing).w()?];
+        for _ in 0..reps {
+            launch()?;
+            events.push(stream.record_event(timing).w()?);
+        }
+        let mut ms = Vec::with_capacity(reps);
+        for w in events.windows(2) {
+            ms.push(w[0].elapsed_ms(&w[1]).w()?);
+        }
+        Ok(ms)
     })
 }
 
@@ -335,6 +417,16 @@ pub fn dequantize_samples_cuda<S: Into<Shape>>(
             q.group as u64,
             q.bits as u32,
         );
+        // One thread per quad (4 elements of a sample); the kernel splits a quad index with
+        // these multiply-shift divisions (it divides in u64 itself when the count exceeds u32).
+        let quads_per_sample = q.sample_len.div_ceil(4) as u64;
+        let (qps_m, qps_l) = fast_div(quads_per_sample);
+        let (qpg_m, qpg_l) = fast_div(q.group as u64 / 4);
+        let cfg = wave_cfg(
+            dev,
+            &func,
+            (count as u64 * quads_per_sample).div_ceil(EBLOCK as u64),
+        )?;
         let mut b = func.builder();
         b.arg(&data);
         b.arg(&mins);
@@ -344,8 +436,12 @@ pub fn dequantize_samples_cuda<S: Into<Shape>>(
         b.arg(&g);
         b.arg(&bits);
         b.arg(&mut out);
+        b.arg(&qps_m);
+        b.arg(&qps_l);
+        b.arg(&qpg_m);
+        b.arg(&qpg_l);
         // SAFETY: matches `dequantize` in kernels/quantize.cu; sizes from the layout.
-        unsafe { b.launch(elem_cfg(len)) }.w()?;
+        unsafe { b.launch(cfg) }.w()?;
     }
     Ok(wrap_tensor(out, dev, shape))
 }
@@ -368,17 +464,9 @@ pub fn mask_pack_cuda(t: &Tensor) -> Result<CudaBitMask> {
             b.arg(&x);
             b.arg(&len64);
             b.arg(&mut words);
-            // One warp per word.
-            let warps_per_block = (EBLOCK / 32) as u64;
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    (nw as u64).div_ceil(warps_per_block).min(MAX_ELEM_BLOCKS) as u32,
-                    1,
-                    1,
-                ),
-                block_dim: (EBLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            // One warp per 4 words.
+            let words_per_block = 4 * (EBLOCK / 32) as u64;
+            let cfg = wave_cfg(dev, &func, (nw as u64).div_ceil(words_per_block))?;
             // SAFETY: matches `mask_pack` in kernels/quantize.cu; blockDim is a multiple of 32.
             unsafe { b.launch(cfg) }.w()?;
         }
@@ -418,8 +506,10 @@ pub fn mask_unpack_cuda<S: Into<Shape>>(
         b.arg(&if_set);
         b.arg(&if_clear);
         b.arg(&mut out);
+        // One thread per 4 elements.
+        let cfg = wave_cfg(dev, &func, (m.len as u64).div_ceil(4 * EBLOCK as u64))?;
         // SAFETY: matches `mask_unpack` in kernels/quantize.cu.
-        unsafe { b.launch(elem_cfg(m.len)) }.w()?;
+        unsafe { b.launch(cfg) }.w()?;
     }
     Ok(wrap_tensor(out, dev, shape))
 }
@@ -586,6 +676,36 @@ fn dtoh<T: DeviceRepr, S: DevicePtr<T>>(dev: &CudaDevice, src: &S) -> Result<Vec
         return Ok(Vec::new());
     }
     Ok(dev.cuda_stream().clone_dtoh(src).w()?)
+}
+
+/// `blocks` blocks of [`EBLOCK`] threads, capped at one wave (as many blocks as the device runs
+/// at once): the kernels loop grid-stride, so their per-thread setup is paid once per thread.
+fn wave_cfg(dev: &CudaDevice, func: &CudaFunction, blocks: u64) -> Result<LaunchConfig> {
+    let sms = dev
+        .cuda_stream()
+        .context()
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    let per_sm = func
+        .occupancy_max_active_blocks_per_multiprocessor(EBLOCK, 0, None)
+        .w()?;
+    let wave = (sms.max(1) as u64) * (per_sm.max(1) as u64);
+    Ok(LaunchConfig {
+        grid_dim: (blocks.clamp(1, wave) as u32, 1, 1),
+        block_dim: (EBLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// `(m, l)` such that the kernels' `fast_div(n, m, l)` is `n / d` for every `n < 2^32`
+/// (Granlund & Montgomery 1994, fig. 4.1: `m = floor(2^32 (2^l - d) / d) + 1`,
+/// `l = ceil(log2 d)`). `d` is clamped into `1..=u32::MAX`; the kernels use the pair only when
+/// their numerators fit in 32 bits, which bounds `d` too.
+fn fast_div(d: u64) -> (u32, u32) {
+    let d = d.clamp(1, u32::MAX as u64);
+    let l = 64 - (d - 1).leading_zeros();
+    let m = ((((1u128 << l) - d as u128) << 32) / d as u128 + 1) as u32;
+    (m, l)
 }
 
 /// One thread per element, grid-stride beyond `MAX_ELEM_BLOCKS` blocks.
