@@ -3,7 +3,7 @@
 # scripts/cuda-toolkit.sh), in its own target dir so the CPU build cache stays warm.
 #
 #   bash scripts/build-cuda.sh            # target/cuda/release/actrain (+ the GPU bundle)
-#   bash scripts/build-cuda.sh --tests    # also the `cuda` test binary (tests/cuda.rs)
+#   bash scripts/build-cuda.sh --tests    # also the CUDA test binaries (tests/cuda.rs, tests/cuda_train.rs)
 #
 # Output: target/cuda/release/actrain, and target/cuda/gpu-bundle.tar.gz holding the binary,
 # the test binaries (with --tests) and nothing else: carry that one file to the GPU machine
@@ -35,9 +35,9 @@ bin=$CARGO_TARGET_DIR/release/actrain
 test_bins=()
 if [ "$tests" = 1 ]; then
   echo "[build-cuda] cargo test --release --features cuda --no-run" >&2
-  # Only the CUDA parity tests: the rest of the suite is covered by the CPU build.
+  # Only the CUDA tests (kernel parity, GPU training): the rest is covered by the CPU build.
   mapfile -t test_bins < <(
-    cargo test --release --features cuda --test cuda --no-run --message-format=json |
+    cargo test --release --features cuda --test cuda --test cuda_train --no-run --message-format=json |
       python3 -c '
 import json, sys
 for line in sys.stdin:

@@ -12,14 +12,15 @@
 # libcuda.so.1. Logs (and the table, as table.txt) go to $OUT/gpu-check when $OUT is set.
 #
 # Env: CHECK_TIMEOUT (s per check, default 240), FIT_STEPS (default 100), SKIP_CPU=1 (skip the
-# CPU reference runs), GPU_CHECKS (space-separated subset of: tests bench selftest fit
-# max-batch profile-memory; default all).
+# CPU reference runs), GPU_CHECKS (space-separated subset of: tests bench fit max-batch
+# profile-memory; default all), MAXB_MEMORY (default 16GiB), MAXB_LEVELS (default L0..L4),
+# MAXB_MODELS (default "resnet50 gpt-small").
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 timeout_s=${CHECK_TIMEOUT:-240}
 fit_steps=${FIT_STEPS:-100}
-checks=${GPU_CHECKS:-"tests bench selftest fit max-batch profile-memory"}
+checks=${GPU_CHECKS:-"tests bench fit max-batch profile-memory"}
 logdir=${OUT:-${TMPDIR:-/tmp}/actrain-gpu-check}/gpu-check
 mkdir -p "$logdir"
 rows=()   # "name|status|seconds|note"
@@ -139,35 +140,24 @@ PYEOF
 
 has_command() { "$bin" --help 2>/dev/null | grep -qE "^\s+$1(\s|$)"; }
 
-# --- 1. kernel parity tests (CPU vs GPU bit identity) -------------------------------------------
+# --- 1. CUDA tests: kernel parity (CPU vs GPU bits) and GPU training vs the CPU -------------
 if want tests; then
-  if [ -n "$test_bin" ]; then
-    run_check tests "$test_bin" --test-threads=1
-  else
-    rows+=("tests|SKIP|0|no test-cuda in the bundle (build-cuda.sh --tests)")
-  fi
+  for t in cuda cuda_train; do
+    if [ -x "$bindir/test-$t" ]; then
+      run_check "test-$t" "$bindir/test-$t" --test-threads=1 --nocapture
+    else
+      rows+=("test-$t|SKIP|0|no test-$t in the bundle (build-cuda.sh --tests)")
+    fi
+  done
 fi
 
-# --- 2. kernel benchmarks ---------------------------------------------------------------------
+# --- 2. kernel benchmarks (BENCH lines: bandwidth vs a device-to-device copy) -----------------
 if want bench && [ -n "$test_bin" ]; then
   run_check bench "$test_bin" --ignored --nocapture --test-threads=1 bench_
   while IFS= read -r l; do benches+=("$l"); done < <(grep '^BENCH' "$logdir/bench.log" || true)
 fi
 
-# --- 3. the binary's own self-test, if it has one ----------------------------------------------
-if want selftest; then
-  found=""
-  for c in cuda-selftest cuda-self-test self-test selftest check-cuda; do
-    if has_command "$c"; then found=$c; break; fi
-  done
-  if [ -n "$found" ]; then
-    run_check selftest "$bin" "$found" --device cuda:0
-  else
-    rows+=("selftest|SKIP|0|binary has no self-test command")
-  fi
-fi
-
-# --- 4. training: GPU vs CPU ----------------------------------------------------------------------
+# --- 3. training through the binary: GPU vs CPU -------------------------------------------------
 if want fit; then
   for level in L0 L3; do
     run_check "fit-$level-cuda" "$bin" fit --device cuda:0 --model cnn --data digits --level "$level" \
@@ -179,22 +169,53 @@ if want fit; then
   done
 fi
 
-# --- 5. memory: max-batch and profile-memory on the GPU ----------------------------------------
+# --- 4. max-batch on the card, L0..L4: a ResNet-50 and a GPT-2-small-shaped transformer --------
+# --memory emulates a 16 GiB card (ActNN's T4 comparison); MAXB_MEMORY overrides it.
+maxb_memory=${MAXB_MEMORY:-16GiB}
+maxb_levels=${MAXB_LEVELS:-L0,L1,L2,L3,L4}
+maxb() {  # maxb NAME MODEL DATA [extra flags]
+  local name=$1 model=$2 data=$3; shift 3
+  run_check "$name" "$bin" max-batch --device cuda:0 --model "$model" --data "$data" \
+    --memory "$maxb_memory" --levels "$maxb_levels" --steps 2 --json "$@"
+  python3 - "$logdir/$name.log" "$name" <<'PYEOF' >>"$logdir/maxb-rows.txt"
+import json, sys
+for l in open(sys.argv[1], errors="replace"):
+    l = l.strip()
+    if not l.startswith("{"):
+        continue
+    try:
+        d = json.loads(l)
+    except ValueError:
+        continue
+    if "max_batch" in d:
+        r = d.get("ratio_vs_l0")
+        p = d.get("peak_bytes")
+        sps = d.get("samples_per_second")
+        print(f"MAXBATCH {sys.argv[2]:<18} {d['level']:<3} batch {d['max_batch']:>6}"
+              f"  vs L0 {('%.2fx' % r) if r else '-':>6}"
+              f"  peak {('%.2f GiB' % (p / 2**30)) if p else '-':>10}"
+              f"  {('%.1f samples/s' % sps) if sps else ''}")
+PYEOF
+}
+# Uniform bits (no allocator passes per probe) and a coarse grid keep each model within minutes.
 if want max-batch; then
-  if has_command max-batch; then
-    run_check max-batch-cuda "$bin" max-batch --device cuda:0 --model cnn --data digits \
-      --levels L0,L3 --json
-  else
-    rows+=("max-batch-cuda|SKIP|0|binary has no max-batch command")
-  fi
+  rm -f "$logdir/maxb-rows.txt"
+  for m in ${MAXB_MODELS:-resnet50 gpt-small}; do
+    case $m in
+      resnet50) maxb max-batch-resnet50 resnet50 synthetic:3x224x224:1000:64 \
+        --allocator uniform --start 32 --multiple-of 16 ;;
+      gpt-small) maxb max-batch-gpt-small models/gpt-small.toml synthetic-text:256:256:64 \
+        --seq-len 256 --allocator uniform --start 16 --multiple-of 8 ;;
+      *) rows+=("max-batch-$m|SKIP|0|unknown model in MAXB_MODELS") ;;
+    esac
+  done
+  [ -f "$logdir/maxb-rows.txt" ] && while IFS= read -r l; do benches+=("$l"); done <"$logdir/maxb-rows.txt"
 fi
+
+# --- 5. profile-memory on the card ----------------------------------------------------------------
 if want profile-memory; then
-  if has_command profile-memory; then
-    run_check profile-memory-cuda "$bin" profile-memory --device cuda:0 --model cnn --data digits \
-      --levels L0,L3 --json
-  else
-    rows+=("profile-memory-cuda|SKIP|0|binary has no profile-memory command")
-  fi
+  run_check profile-memory-resnet50 "$bin" profile-memory --device cuda:0 --model resnet50 \
+    --data synthetic:3x224x224:1000:64 --batch-size 32 --levels L0,L3
 fi
 
 # --- table (last) ---------------------------------------------------------------------------------

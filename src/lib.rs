@@ -8,6 +8,7 @@ pub mod allocate;
 pub mod cli;
 pub mod compress;
 pub mod data;
+pub mod device;
 pub mod memory;
 pub mod model;
 pub mod ops;

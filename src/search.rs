@@ -319,6 +319,9 @@ impl Prober for InProcessProber {
                 self.steps,
                 self.seed,
             )?;
+            // A GPU pool keeps freed blocks cached: hand them back so the next probe starts
+            // from the same device state (no-op on the host).
+            memory::trim_cache();
             let residual = memory::current_bytes() as i64 - before as i64;
             if residual >= REPEAT_THRESHOLD as i64 && self.repeats_left > 0 {
                 self.repeats_left -= 1;
@@ -346,6 +349,8 @@ pub struct SubprocessProber {
     pub steps: usize,
     pub seed: u64,
     pub allocator: Allocator,
+    /// `--device` of the children.
+    pub device: String,
 }
 
 impl SubprocessProber {
@@ -367,6 +372,7 @@ impl SubprocessProber {
         kv("--steps", self.steps.to_string());
         kv("--seed", self.seed.to_string());
         kv("--allocator", self.allocator.name().into());
+        kv("--device", self.device.clone());
         a
     }
 }
@@ -836,6 +842,9 @@ pub struct MaxBatchConfig {
     /// Bits at L3/L4: the probes run what `fit --allocator` would.
     pub allocator: Allocator,
     pub isolate: Option<Isolation>,
+    /// `cpu` or `cuda:N` (the probes run on [`crate::device::current`]; isolated children get
+    /// this flag).
+    pub device: String,
 }
 
 impl MaxBatchConfig {
@@ -951,6 +960,7 @@ pub fn run_max_batch(
                 steps: cfg.steps,
                 seed: cfg.seed,
                 allocator: cfg.allocator,
+                device: cfg.device.clone(),
             };
             search_levels(&cfg.levels, &cfg.search, &mut p, on_line)?
         }

@@ -478,6 +478,7 @@ fn base_config() -> MaxBatchConfig {
         seed: 42,
         allocator: Allocator::Variance,
         isolate: None,
+        device: "cpu".into(),
     }
 }
 
@@ -638,6 +639,7 @@ fn isolated_probes_agree_with_in_process_ones() -> Result<()> {
         steps: 2,
         seed: 42,
         allocator: Allocator::Variance,
+        device: "cpu".into(),
     };
     let mut inproc = prober(4 * MIB);
     inproc.allocator = Allocator::Variance;

@@ -186,6 +186,7 @@ impl FitArgs {
                 .with_context(|| format!("--estimator `{}`", self.estimator))?,
             out,
             resume: self.resume.clone(),
+            device: self.device.clone(),
         })
     }
 }

@@ -2,6 +2,7 @@
 //! The search itself lives in `crate::search`; this file maps flags to it and prints.
 
 use crate::compress::policy::Level;
+use crate::device::DeviceSpec;
 use crate::search::{self, Isolation, MaxBatchConfig, SearchConfig};
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
@@ -19,7 +20,8 @@ pub struct MaxBatchArgs {
     /// Graph data is full-batch and rejected.
     #[arg(long, default_value = "digits")]
     pub data: String,
-    /// Memory to fit in (required), e.g. 2GiB, 512MiB.
+    /// Memory to fit in, e.g. 2GiB, 512MiB: required on the CPU; on a GPU it emulates a
+    /// smaller card and defaults to what the card has free.
     #[arg(long)]
     pub memory: Option<String>,
     /// Levels to search, comma separated.
@@ -77,8 +79,11 @@ impl MaxBatchArgs {
     /// Checks the flags and builds the search configuration (without `--isolate`'s program,
     /// which [`run`] fills in).
     pub fn to_config(&self) -> Result<MaxBatchConfig> {
-        super::check_device(&self.device)?;
-        let memory_bytes = search::parse_memory_flag(self.memory.as_deref())?;
+        let spec = super::check_device(&self.device)?;
+        let memory_bytes = match (&self.memory, spec) {
+            (None, DeviceSpec::Cuda(_)) => gpu_free_bytes(&self.device)?,
+            (m, _) => search::parse_memory_flag(m.as_deref())?,
+        };
         let levels = search::parse_levels_flag(&self.levels)?;
         if self.seq_len == 0 {
             bail!("--seq-len must be at least 1");
@@ -99,14 +104,32 @@ impl MaxBatchArgs {
             seed: self.seed,
             allocator: self.allocator.parse()?,
             isolate: None,
+            device: spec.name(),
         };
         cfg.validate()?;
         Ok(cfg)
     }
 }
 
+/// What a GPU has free for this process (opens the device): `max-batch`'s default `--memory`.
+fn gpu_free_bytes(flag: &str) -> Result<usize> {
+    crate::device::select_flag(flag)?;
+    crate::memory::available_bytes()
+        .with_context(|| format!("--device {flag}: the device reports no free memory"))
+}
+
 pub fn run(args: &MaxBatchArgs) -> Result<()> {
     let mut cfg = args.to_config()?;
+    crate::device::select_flag(&cfg.device)?;
+    if let Some(avail) = crate::memory::available_bytes() {
+        if cfg.memory_bytes > avail {
+            bail!(
+                "--memory {}: the device has only {} free; ask for at most that",
+                crate::memory::human_bytes(cfg.memory_bytes),
+                crate::memory::human_bytes(avail)
+            );
+        }
+    }
     if args.probe_only {
         return run_probe_only(args, &cfg);
     }
@@ -231,6 +254,7 @@ mod tests {
             steps: 2,
             seed: 7,
             allocator: crate::allocate::Allocator::Variance,
+            device: "cpu".into(),
         };
         let argv = p.child_args(Level::L3, 96);
         let mut v = vec!["actrain".to_string()];

@@ -57,6 +57,7 @@ pub fn parse_levels(levels: &[String]) -> Result<Vec<Level>> {
 pub fn run(args: &ProfileArgs) -> Result<()> {
     super::check_device(&args.device)?;
     let levels = parse_levels(&args.levels)?;
+    crate::device::select_flag(&args.device)?;
     let allocator: Allocator = args.allocator.parse()?;
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");

@@ -19,6 +19,8 @@ pub mod bitpack;
 mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_context;
 pub mod error;
 pub mod policy;
 pub mod quantize;

@@ -179,6 +179,10 @@ impl ContextPolicy for CompressPolicy {
         }
         match req.kind {
             SaveAs::Exact => Ok(Packed::Full(t.clone())),
+            #[cfg(feature = "cuda")]
+            SaveAs::SignMask if t.device().is_cuda() => {
+                super::cuda_context::pack_sign_mask(t).map(Packed::Compressed)
+            }
             SaveAs::SignMask => {
                 let mask = with_f32(t, |x| Ok(BitMask::positive(x)))?;
                 Ok(Packed::Compressed(Box::new(MaskContext(mask))))
@@ -186,6 +190,10 @@ impl ContextPolicy for CompressPolicy {
             SaveAs::Index { bits } => {
                 if t.dtype() != DType::U8 {
                     bail!("an index context must be a U8 tensor, got {:?}", t.dtype());
+                }
+                #[cfg(feature = "cuda")]
+                if t.device().is_cuda() {
+                    return super::cuda_context::pack_index(t, bits).map(Packed::Compressed);
                 }
                 let v = t.flatten_all()?.to_vec1::<u8>()?;
                 let packed = PackedUints::pack(&v, bits)?;
@@ -210,6 +218,11 @@ impl ContextPolicy for CompressPolicy {
                     seed: crate::tape::splitmix64(self.cfg.seed ^ req.step.rotate_left(32)),
                     stream: req.slot as u64,
                 };
+                #[cfg(feature = "cuda")]
+                if t.device().is_cuda() {
+                    return super::cuda_context::pack_activation(t, sample_len, &params)
+                        .map(Packed::Compressed);
+                }
                 let q = with_f32(t, |x| Ok(quantize(x, sample_len, &params)?))?;
                 Ok(Packed::Compressed(Box::new(QuantContext(q))))
             }

@@ -33,6 +33,13 @@ pub trait MemoryMeter: Send + Sync {
     fn capacity_bytes(&self) -> Option<usize> {
         None
     }
+    /// Bytes this process could still allocate on the device (a GPU: the driver's free memory
+    /// plus the pool's cache); `None` on the host.
+    fn available_bytes(&self) -> Option<usize> {
+        None
+    }
+    /// Hands cached, unused device memory back (between max-batch probes); no-op on the host.
+    fn trim_cache(&self) {}
 }
 
 /// The host heap, measured by the counting global allocator.

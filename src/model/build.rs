@@ -458,9 +458,13 @@ impl Model {
                 last_use[s] = i;
             }
         }
+        // Initialised on the host (the same weights for a seed on every device), then moved to
+        // the compute device.
+        let mut params = b.store;
+        params.to_device(&crate::device::current())?;
         Ok(Model {
             name: def.name.clone(),
-            params: b.store,
+            params,
             layers,
             last_use,
             input: input.clone(),

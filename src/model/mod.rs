@@ -51,8 +51,9 @@ pub fn load_def(spec: &str) -> Result<ModelDef> {
     )
 }
 
-/// A worst-case batch for a model's input (max-batch probes, profile-memory, benchmarks): random values of the full sample shape (or random token ids), random
-/// labels. Deterministic from `seed`.
+/// A worst-case batch for a model's input (max-batch probes, profile-memory, benchmarks):
+/// random values of the full sample shape (or random token ids), random labels, on the
+/// compute device ([`crate::device::current`]). Deterministic from `seed`.
 pub fn random_batch(input: &InputSpec, batch: usize, seed: u64) -> Result<(Tensor, Tensor)> {
     let mut rng = crate::data::rng::Rng::new(crate::data::rng::mix(seed, 0x6D61_7862));
     let mut shape = vec![batch];
@@ -74,5 +75,8 @@ pub fn random_batch(input: &InputSpec, batch: usize, seed: u64) -> Result<(Tenso
         let v: Vec<u32> = (0..batch).map(|_| rng.below(classes) as u32).collect();
         Tensor::from_vec(v, batch, &Device::Cpu)?
     };
-    Ok((x, y))
+    Ok((
+        crate::device::to_current(&x)?,
+        crate::device::to_current(&y)?,
+    ))
 }

@@ -56,6 +56,21 @@ impl ParamStore {
     pub fn len(&self) -> usize {
         self.params.len()
     }
+
+    /// Moves every value (and gradient) to `dev`; no copy for those already there.
+    pub fn to_device(&mut self, dev: &candle_core::Device) -> Result<()> {
+        for p in &mut self.params {
+            if !p.value.device().same_device(dev) {
+                p.value = p.value.to_device(dev)?;
+            }
+            if let Some(g) = &mut p.grad {
+                if !g.device().same_device(dev) {
+                    *g = g.to_device(dev)?;
+                }
+            }
+        }
+        Ok(())
+    }
     pub fn is_empty(&self) -> bool {
         self.params.is_empty()
     }

@@ -8,6 +8,7 @@ use super::schedule::{Schedule, ScheduleKind};
 use crate::allocate::plan::{Estimator, PlanState, VariancePlan};
 use crate::compress::policy::{CompressConfig, CompressPolicy, Level};
 use crate::data::{self, Batcher, Dataset, LoadOptions, Task};
+use crate::device::to_current;
 use crate::memory;
 use crate::model::{load_def, InputSpec, Model};
 use crate::ops::loss::{accuracy, CrossEntropyOptions};
@@ -55,6 +56,8 @@ pub struct FitConfig {
     pub estimator: Estimator,
     pub out: Option<PathBuf>,
     pub resume: Option<PathBuf>,
+    /// `cpu` or `cuda:N`: the device [`fit`] selects (the CLI's `--device`).
+    pub device: String,
 }
 
 fn level_name<S: serde::Serializer>(l: &Level, s: S) -> Result<S::Ok, S::Error> {
@@ -96,6 +99,7 @@ impl Default for FitConfig {
             estimator: Estimator::numerical(),
             out: None,
             resume: None,
+            device: "cpu".into(),
         }
     }
 }
@@ -104,6 +108,8 @@ impl Default for FitConfig {
 #[derive(Clone, Debug, Serialize)]
 pub struct FitSummary {
     pub model: String,
+    /// Where it ran (`cpu`, `cuda:0`).
+    pub device: String,
     pub data: String,
     pub level: String,
     pub parameters: usize,
@@ -165,10 +171,10 @@ impl Run {
         tape.eval_mode();
         let (mut loss_sum, mut correct, mut count) = (0.0, 0usize, 0usize);
         if self.graph.is_some() {
-            let x = self.data.test.x.clone();
+            let x = to_current(&self.data.test.x)?;
             let rows = self.test_nodes.clone();
             let logits = self.logits(&mut tape, &x, rows.as_ref())?;
-            let y = self.data.test.y.clone();
+            let y = to_current(&self.data.test.y)?;
             let loss = tape.cross_entropy(&logits, &y, CrossEntropyOptions::default())?;
             let (c, n) = accuracy(logits.tensor(), &y)?;
             return Ok((scalar(&loss)?, c as f64 / n.max(1) as f64));
@@ -176,6 +182,7 @@ impl Run {
         let batcher = Batcher::new(&self.data.test, batch_size, 0)?.shuffle(false);
         for batch in batcher.epoch(0) {
             let (x, y) = batch?;
+            let (x, y) = (to_current(&x)?, to_current(&y)?);
             let logits = self.logits(&mut tape, &x, None)?;
             let loss = tape.cross_entropy(&logits, &y, CrossEntropyOptions::default())?;
             let (c, n) = accuracy(logits.tensor(), &y)?;
@@ -308,6 +315,7 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
     if !(cfg.lr > 0.0 && cfg.lr.is_finite()) {
         bail!("--lr {} must be a positive number", cfg.lr);
     }
+    let dev = crate::device::select_flag(&cfg.device)?;
     let opts = LoadOptions {
         seed: cfg.seed,
         test_fraction: cfg.test_fraction,
@@ -329,11 +337,10 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
                 a.col.clone(),
                 a.val.clone(),
             )?;
-            let dev = &candle_core::Device::Cpu;
             (
                 Some(Arc::new(csr)),
-                Some(Tensor::new(g.train_nodes.as_slice(), dev)?),
-                Some(Tensor::new(g.test_nodes.as_slice(), dev)?),
+                Some(Tensor::new(g.train_nodes.as_slice(), &dev)?),
+                Some(Tensor::new(g.test_nodes.as_slice(), &dev)?),
             )
         }
         None => (None, None, None),
@@ -431,6 +438,7 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
         };
         for (batch_in_epoch, batch) in (first_batch as u64 + 1..).zip(epoch_iter) {
             let (x, y) = batch?;
+            let (x, y) = (to_current(&x)?, to_current(&y)?);
             if let Some(p) = &plan {
                 let ta = Instant::now();
                 p.maybe_estimate(&mut run.model, &x, &y)?;
@@ -540,6 +548,7 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn Progress) -> Result<FitSummary> {
     let seconds = started.elapsed().as_secs_f64();
     Ok(FitSummary {
         model: run.model.name.clone(),
+        device: crate::device::name(&dev),
         data: run.data.name.clone(),
         level: cfg.level.name(),
         parameters: run.model.num_parameters(),
