@@ -252,6 +252,9 @@ __device__ __forceinline__ void store_quad(u8* __restrict__ dg, size_t da, u32 q
 // ---------------------------------------------------------------------------------------------
 // Quantize (grid-stride over groups; blockDim.x a multiple of 32).
 //
+// key: stream_key(seed, stream), derived by the host (src/compress/cuda.rs): derived here,
+// nvcc rematerialised its two mix64 inside the loop, ~70 instructions per group.
+//
 // x: n_samples * sample_len contiguous f32. Outputs (layout: src/compress/quantize.rs):
 //   data   n_samples * ceil(sample_len * bits / 8) bytes
 //   mins, scales   n_samples * ceil(sample_len / group) bf16 bit patterns
@@ -261,8 +264,11 @@ __device__ __forceinline__ void store_quad(u8* __restrict__ dg, size_t da, u32 q
 //          disjoint ranges, so the minimum is the CPU's "first error in memory order".
 // bits in {1, 2, 4, 8}; group a positive multiple of 8, at most 2^30 (validated by the host).
 //
-// Work split: a "team" of T lanes per group, T = the power of two >= group / 4 capped at 32,
-// so a warp runs 32 / T groups side by side (T = 32 from group 128 up; group 8 -> T = 2).
+// Work split: a "team" of T lanes per group, T = the power of two >= group / 16 (a quarter of
+// the group's quads), at least 2, at most 32, so a warp runs 32 / T groups side by side
+// (group 256 -> T = 16, two groups per warp; T = 32 from group 512 up; groups 8..32 -> T = 2).
+// The per-group work (index math, butterfly, group_params: ~260 warp instructions) is SIMT
+// across the warp's groups, so 4 quads per lane halve its cost per element against 2.
 // Lane tl of a team handles the quads (4 consecutive elements) tl, tl + T, ... of its group:
 // each round of a team is one contiguous 16*T-byte span (float4 loads when the group starts
 // 16-byte aligned; sample_len may be odd, so groups can start anywhere).
@@ -272,11 +278,15 @@ __device__ __forceinline__ void store_quad(u8* __restrict__ dg, size_t da, u32 q
 //   3. The lane codes its quads and stores 4*bits bits per quad with one store (a byte for
 //      bits 2, u16 for 4, u32 for 8; bits 1: two lanes' nibbles make a byte) when aligned, else
 //      byte by byte.
-// Fast path (team-uniform): group start 16-byte aligned, whole quads, at most 2 quads per lane
-// (every group <= 256): the quads stay in registers between steps 1 and 3. Otherwise (larger
+// Fast path (team-uniform): group start 16-byte aligned, whole quads, at most QPL = 4 quads per
+// lane (every group <= 512): the quads stay in registers between steps 1 and 3, all loads
+// issued before any math (2 KB in flight per warp). Otherwise (larger
 // groups, unaligned starts, sample tails) step 3 re-reads the quads (L1/L2 hits).
 // A lane's RNG counter advances by 2T pairs per round, so the only 64-bit multiplies per
 // element pair are inside mix64.
+
+// Quads per lane of the register fast path (and the team size: T >= quads / QPL).
+#define QPL 4u
 
 template <int BITS>
 __device__ __forceinline__ void quantize_impl(const float* __restrict__ x, u64 n_samples,
@@ -288,8 +298,10 @@ __device__ __forceinline__ void quantize_impl(const float* __restrict__ x, u64 n
     const u64 gps = (sample_len + group - 1) / group;
     const u64 total = n_samples * gps;
     const u64 sb = (sample_len * BITS + 7) / 8;
-    const u32 gq = group >= 128 ? 32u : (u32)(group >> 2);  // quads of a full group, capped
-    const u32 tlog = 32u - (u32)__clz((int)(gq - 1u));      // gq >= 2, so T >= 2
+    // T = the power of two >= ceil(quads / QPL), at least 2, at most 32.
+    const u32 gq = group >= 128 * QPL ? 32u * QPL : (u32)(group >> 2);  // quads, capped
+    const u32 tq = (gq + QPL - 1u) / QPL;
+    const u32 tlog = tq <= 2u ? 1u : 32u - (u32)__clz((int)(tq - 1u));
     const u32 T = 1u << tlog;
     const u32 lane = threadIdx.x & 31u;
     const u32 team = lane >> tlog;
@@ -319,28 +331,26 @@ __device__ __forceinline__ void quantize_impl(const float* __restrict__ x, u64 n
         const size_t xa = (size_t)xg;
         const u32 vec = (xa & 15) == 0 ? 4u : ((xa & 7) == 0 ? 2u : 1u);
 
-        // 1. min, max (non-finite values propagate). Fast path (the default group of 256 and
-        //    every smaller one, 16-byte aligned, whole quads): a lane holds at most 2 quads, kept
-        //    in registers for step 3. Otherwise any number of quads, re-read in step 3.
-        const bool fast = vec == 4u && (glen & 3u) == 0 && nq <= 2u * T;  // team-uniform
-        const bool has0 = tl < nq;
-        const bool has1 = tl + T < nq;
-        float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;
+        // 1. min, max (non-finite values propagate). Fast path (every group <= 512, 16-byte
+        //    aligned, whole quads): a lane holds at most QPL quads, kept in registers for step
+        //    3. Otherwise any number of quads, re-read in step 3.
+        const bool fast = vec == 4u && (glen & 3u) == 0 && nq <= QPL * T;  // team-uniform
+        float4 a[QPL];
         float mn = pinf, mx = -pinf;
         if (fast) {
-            if (has0) {
-                a = __ldg(reinterpret_cast<const float4*>(xg + 4 * tl));
+#pragma unroll
+            for (u32 j = 0; j < QPL; ++j) {  // all loads first
+                a[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                if (tl + j * T < nq) {
+                    a[j] = __ldg(reinterpret_cast<const float4*>(xg + 4 * (tl + j * T)));
+                }
             }
-            if (has1) {
-                b = __ldg(reinterpret_cast<const float4*>(xg + 4 * (tl + T)));
-            }
-            if (has0) {
-                mn = min4(a);
-                mx = max4(a);
-            }
-            if (has1) {
-                mn = min_nan(mn, min4(b));
-                mx = max_nan(mx, max4(b));
+#pragma unroll
+            for (u32 j = 0; j < QPL; ++j) {
+                if (tl + j * T < nq) {
+                    mn = min_nan(mn, min4(a[j]));
+                    mx = max_nan(mx, max4(a[j]));
+                }
             }
         } else {
             for (u32 q = tl; q < nq; q += T) {
@@ -350,9 +360,15 @@ __device__ __forceinline__ void quantize_impl(const float* __restrict__ x, u64 n
                 mx = max_nan(mx, max_nan(max_nan(v[0], v[1]), max_nan(v[2], v[3])));
             }
         }
-        for (u32 off = 1; off < T; off <<= 1) {  // lanes of a dead team hold (+inf, -inf)
-            mn = min_nan(mn, __shfl_xor_sync(FULL_MASK, mn, off));
-            mx = max_nan(mx, __shfl_xor_sync(FULL_MASK, mx, off));
+#pragma unroll
+        for (u32 off = 1; off < 32u; off <<= 1) {  // dead teams' lanes hold (+inf, -inf)
+            // Branch-free (unrolled, predicated): rounds past the team shuffle but keep nothing.
+            const float omn = __shfl_xor_sync(FULL_MASK, mn, off);
+            const float omx = __shfl_xor_sync(FULL_MASK, mx, off);
+            if (off < T) {
+                mn = min_nan(mn, omn);
+                mx = max_nan(mx, omx);
+            }
         }
 
         // 2. Metadata or error.
@@ -401,10 +417,12 @@ __device__ __forceinline__ void quantize_impl(const float* __restrict__ x, u64 n
             const bool odd = (index0 & 1) != 0;
             u64 z = key + ((index0 + 4 * tl) >> 1) * GAMMA;
             if (fast) {
-                const u32 c0 = has0 ? encode_quad<BITS>(a, z, odd, gmn, gs) : 0u;
-                store_quad<BITS>(dg, da, tl, has0 ? 4u : 0u, c0, lane);
-                const u32 c1 = has1 ? encode_quad<BITS>(b, z + zstep, odd, gmn, gs) : 0u;
-                store_quad<BITS>(dg, da, tl + T, has1 ? 4u : 0u, c1, lane);
+#pragma unroll
+                for (u32 j = 0; j < QPL; ++j, z += zstep) {
+                    const bool has = tl + j * T < nq;
+                    const u32 c = has ? encode_quad<BITS>(a[j], z, odd, gmn, gs) : 0u;
+                    store_quad<BITS>(dg, da, tl + j * T, has ? 4u : 0u, c, lane);
+                }
             } else {
                 const u32 qend = BITS == 1 ? (nq + 1u) & ~1u : nq;  // bits 1: whole lane pairs
                 for (u32 q = tl; q < qend; q += T, z += zstep) {
@@ -433,9 +451,8 @@ __device__ __forceinline__ void quantize_impl(const float* __restrict__ x, u64 n
 
 extern "C" __global__ void __launch_bounds__(256)
     quantize(const float* __restrict__ x, u64 n_samples, u64 sample_len, u64 group, u32 bits,
-             u64 seed, u64 stream, u8* __restrict__ data, u16* __restrict__ mins,
+             u64 key, u8* __restrict__ data, u16* __restrict__ mins,
              u16* __restrict__ scales, u64* __restrict__ err) {
-    const u64 key = stream_key(seed, stream);
     switch (bits) {
         case 1:
             quantize_impl<1>(x, n_samples, sample_len, group, key, data, mins, scales, err);
@@ -455,11 +472,131 @@ extern "C" __global__ void __launch_bounds__(256)
 // ---------------------------------------------------------------------------------------------
 // Dequantize: x' = q / s + mn (the CPU's `q as f32 / s + mn`: IEEE division, then addition).
 // One thread per quad (4 consecutive elements of a sample; quads never cross groups, as a group
-// is a multiple of 8), grid-stride: one float4 store per quad when the output is 16-byte
-// aligned (every quad when sample_len % 4 == 0), else 4-byte stores. `data`, `mins`, `scales`
-// may point at sample `first` of a larger tensor (the host offsets the pointers).
-// (qps_m, qps_l) and (qpg_m, qpg_l): fast_div constants for quads per sample ceil(sample_len/4)
-// and quads per group group/4, used when the quad count fits in 32 bits (else u64 division).
+// is a multiple of 8), grid-stride, TWO quads per thread and round (i and i + stride: all loads
+// of both are issued before any math, for memory-level parallelism): one float4 store per quad
+// when the output is 16-byte aligned (every quad when sample_len % 4 == 0), else 4-byte stores.
+// `data`, `mins`, `scales` may point at sample `first` of a larger tensor (the host offsets the
+// pointers). (qps_m, qps_l) and (qpg_m, qpg_l): fast_div constants for quads per sample
+// ceil(sample_len/4) and quads per group group/4, used when the quad count fits in 32 bits
+// (else u64 division).
+//
+// Division cost: __fdiv_rn's fast path (reciprocal + FMA refinement) is guarded by FCHK, which
+// sends a ZERO dividend (exponent field 0, like a subnormal) to the ~60-instruction slow path,
+// divergently. Code 0 is half of all codes at 1 bit (a quarter at 2 bits), so the kernel never
+// divides 0: for a positive finite scale (every scale quantize stores; subnormal bf16 included)
+// 0 / s is +0 exactly, which is used directly; any other scale (only from_host can carry one)
+// takes the real division. Every other quotient is the same __fdiv_rn, so results stay the
+// CPU's bit for bit. 1 bit: the two possible outputs are computed once per quad (one division),
+// then selected per element.
+
+// c / s as __fdiv_rn(c, s) for an integer code c (as float cf), never dividing a zero when
+// `spos` (s positive finite).
+__device__ __forceinline__ float div_code(u32 c, float cf, float s, bool spos) {
+    const bool zero = c == 0 && spos;
+    const float q = __fdiv_rn(zero ? 1.0f : cf, s);
+    return zero ? 0.0f : q;
+}
+
+// Inputs of one quad: its codes (code e at bits [e*BITS, (e+1)*BITS)), group min / scale bits,
+// elements in the sample (1..4), output offset.
+struct DqQuad {
+    u32 codes;
+    u32 avail;
+    u16 mn;
+    u16 s;
+    u64 o;  // flat index of the quad's first output element
+};
+
+template <int BITS>
+__device__ __forceinline__ DqQuad dq_load(u64 i, const u8* __restrict__ data,
+                                          const u16* __restrict__ mins,
+                                          const u16* __restrict__ scales, u64 sample_len,
+                                          u64 qps, u64 qpg, u64 gps, u64 sb, bool narrow,
+                                          u32 qps_m, u32 qps_l, u32 qpg_m, u32 qpg_l) {
+    u64 n, q, k;
+    if (narrow) {
+        const u32 n32 = fast_div((u32)i, qps_m, qps_l);
+        const u32 q32 = (u32)i - n32 * (u32)qps;
+        n = n32;
+        q = q32;
+        k = fast_div(q32, qpg_m, qpg_l);
+    } else {
+        n = i / qps;
+        q = i - n * qps;
+        k = q / qpg;
+    }
+    DqQuad r;
+    const u64 gi = n * gps + k;
+    r.mn = __ldg(mins + gi);
+    r.s = __ldg(scales + gi);
+    const u64 j0 = 4 * q;
+    const u64 left = sample_len - j0;
+    r.avail = left < 4 ? (u32)left : 4u;
+    r.o = n * sample_len + j0;
+    const u8* ds = data + n * sb;
+    if (BITS == 1) {
+        r.codes = (u32)__ldg(ds + (q >> 1)) >> (4 * (u32)(q & 1));
+    } else if (BITS == 2) {
+        r.codes = __ldg(ds + q);
+    } else if (BITS == 4) {
+        const u8* p = ds + 2 * q;
+        if (r.avail < 3) {
+            r.codes = __ldg(p);
+        } else if (((size_t)p & 1) == 0) {
+            r.codes = __ldg(reinterpret_cast<const u16*>(p));
+        } else {
+            r.codes = (u32)__ldg(p) | ((u32)__ldg(p + 1) << 8);
+        }
+    } else {
+        const u8* p = ds + 4 * q;
+        if (r.avail == 4 && ((size_t)p & 3) == 0) {
+            r.codes = __ldg(reinterpret_cast<const u32*>(p));
+        } else {
+            r.codes = __ldg(p);
+            for (u32 e = 1; e < r.avail; ++e) {
+                r.codes |= (u32)__ldg(p + e) << (8 * e);
+            }
+        }
+    }
+    return r;
+}
+
+template <int BITS>
+__device__ __forceinline__ void dq_store(const DqQuad& r, float* __restrict__ out) {
+    const u32 mask = (1u << BITS) - 1u;
+    const float mn = bf16_to_f32(r.mn);
+    const float s = bf16_to_f32(r.s);
+    const bool spos = (u32)r.s - 1u < (u32)BF16_MAX_BITS;  // bits 0x0001..=0x7F7F
+    float y[4];
+    if (BITS == 1) {
+        float z = 0.0f;  // 0 / s
+        if (!spos) {
+            z = __fdiv_rn(0.0f, s);
+        }
+        const float y0 = __fadd_rn(z, mn);
+        const float y1 = __fadd_rn(__fdiv_rn(1.0f, s), mn);
+#pragma unroll
+        for (u32 e = 0; e < 4; ++e) {
+            y[e] = (r.codes >> e) & 1u ? y1 : y0;
+        }
+    } else {
+#pragma unroll
+        for (u32 e = 0; e < 4; ++e) {
+            // (float)code exactly, without a conversion instruction: 2^23 + c, minus 2^23.
+            const u32 c = (r.codes >> (e * BITS)) & mask;
+            const float cf = __fsub_rn(__uint_as_float(0x4B000000u | c), MAGIC23);
+            y[e] = __fadd_rn(div_code(c, cf, s, spos), mn);
+        }
+    }
+    float* o = out + r.o;
+    if (r.avail == 4 && ((size_t)o & 15) == 0) {
+        *reinterpret_cast<float4*>(o) = make_float4(y[0], y[1], y[2], y[3]);
+    } else {
+        for (u32 e = 0; e < r.avail; ++e) {
+            o[e] = y[e];
+        }
+    }
+}
 
 template <int BITS>
 __device__ __forceinline__ void dequantize_impl(const u8* __restrict__ data,
@@ -473,68 +610,26 @@ __device__ __forceinline__ void dequantize_impl(const u8* __restrict__ data,
     const u64 gps = (sample_len + group - 1) / group;
     const u64 sb = (sample_len * BITS + 7) / 8;
     const bool narrow = (total >> 32) == 0;
-    const u32 mask = (1u << BITS) - 1u;
     const u64 stride = (u64)gridDim.x * blockDim.x;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
-        u64 n, q, k;
-        if (narrow) {
-            const u32 n32 = fast_div((u32)i, qps_m, qps_l);
-            const u32 q32 = (u32)i - n32 * (u32)qps;
-            n = n32;
-            q = q32;
-            k = fast_div(q32, qpg_m, qpg_l);
-        } else {
-            n = i / qps;
-            q = i - n * qps;
-            k = q / qpg;
-        }
-        const u64 gi = n * gps + k;
-        const float mn = bf16_to_f32(__ldg(mins + gi));
-        const float s = bf16_to_f32(__ldg(scales + gi));
-        const u64 j0 = 4 * q;
-        const u64 left = sample_len - j0;
-        const u32 avail = left < 4 ? (u32)left : 4u;
-        const u8* ds = data + n * sb;
-        u32 codes;
-        if (BITS == 1) {
-            codes = (u32)__ldg(ds + (q >> 1)) >> (4 * (u32)(q & 1));
-        } else if (BITS == 2) {
-            codes = __ldg(ds + q);
-        } else if (BITS == 4) {
-            const u8* p = ds + 2 * q;
-            if (avail < 3) {
-                codes = __ldg(p);
-            } else if (((size_t)p & 1) == 0) {
-                codes = __ldg(reinterpret_cast<const u16*>(p));
-            } else {
-                codes = (u32)__ldg(p) | ((u32)__ldg(p + 1) << 8);
-            }
-        } else {
-            const u8* p = ds + 4 * q;
-            if (avail == 4 && ((size_t)p & 3) == 0) {
-                codes = __ldg(reinterpret_cast<const u32*>(p));
-            } else {
-                codes = __ldg(p);
-                for (u32 e = 1; e < avail; ++e) {
-                    codes |= (u32)__ldg(p + e) << (8 * e);
-                }
+    // Straight-line rounds (the narrow test is hoisted, the second quad of a last round
+    // re-reads the first and is not stored), so all loads of a round issue back to back.
+    if (narrow) {
+        for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += 2 * stride) {
+            const bool two = i + stride < total;
+            const DqQuad a = dq_load<BITS>(i, data, mins, scales, sample_len, qps, qpg, gps, sb,
+                                           true, qps_m, qps_l, qpg_m, qpg_l);
+            const DqQuad b = dq_load<BITS>(two ? i + stride : i, data, mins, scales, sample_len,
+                                           qps, qpg, gps, sb, true, qps_m, qps_l, qpg_m, qpg_l);
+            dq_store<BITS>(a, out);
+            if (two) {
+                dq_store<BITS>(b, out);
             }
         }
-        float y[4];
-#pragma unroll
-        for (u32 e = 0; e < 4; ++e) {
-            // (float)code exactly, without a conversion instruction: 2^23 + c, minus 2^23.
-            const u32 c = (codes >> (e * BITS)) & mask;
-            const float cf = __fsub_rn(__uint_as_float(0x4B000000u | c), MAGIC23);
-            y[e] = __fadd_rn(__fdiv_rn(cf, s), mn);
-        }
-        float* o = out + n * sample_len + j0;
-        if (avail == 4 && ((size_t)o & 15) == 0) {
-            *reinterpret_cast<float4*>(o) = make_float4(y[0], y[1], y[2], y[3]);
-        } else {
-            for (u32 e = 0; e < avail; ++e) {
-                o[e] = y[e];
-            }
+    } else {
+        for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += stride) {
+            dq_store<BITS>(dq_load<BITS>(i, data, mins, scales, sample_len, qps, qpg, gps, sb,
+                                         false, qps_m, qps_l, qpg_m, qpg_l),
+                           out);
         }
     }
 }

@@ -289,6 +289,66 @@ fn dequantize_samples_matches_cpu() {
     }
 }
 
+/// Dequantize with uploaded (mins, scales) no quantizer stores, against the CPU's formula
+/// `q as f32 / s + mn`: zero, negative, subnormal, infinite and NaN scales and signed-zero
+/// mins. The kernel skips the division of a zero code only for positive finite scales
+/// (0 / s = +0), so every other scale must still divide (0 / 0 = NaN, 0 / -1 = -0, ...).
+#[test]
+fn dequantize_any_scale_matches_formula() {
+    let dev = gpu();
+    let scales: [u16; 12] = [
+        0x3F80, 0x4300, 0x7F7F, 0x0001, 0x0040, 0x0080, 0x0000, 0x8000, 0xBF80, 0x7F80, 0x7FC0,
+        0x3C00,
+    ];
+    let mins: [u16; 5] = [0x0000, 0x8000, 0x3FC0, 0xC040, 0x7F00];
+    for bits in [1u8, 2, 4, 8] {
+        for &(n, sl, group) in &[(3usize, 96usize, 8usize), (4, 13, 8), (2, 77, 16)] {
+            let gps = sl.div_ceil(group);
+            let ng = n * gps;
+            let sb = (sl * bits as usize).div_ceil(8);
+            let data: Vec<u8> = (0..n * sb)
+                .map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) as u8)
+                .collect();
+            // Every code value shows up: also all-zero bytes.
+            let data: Vec<u8> = data
+                .iter()
+                .enumerate()
+                .map(|(i, &b)| if i % 5 == 0 { 0 } else { b })
+                .collect();
+            let sc: Vec<bf16> = (0..ng)
+                .map(|g| bf16::from_bits(scales[g % scales.len()]))
+                .collect();
+            let mn: Vec<bf16> = (0..ng)
+                .map(|g| bf16::from_bits(mins[(g / 3) % mins.len()]))
+                .collect();
+            let mut want = vec![0.0f32; n * sl];
+            for s in 0..n {
+                for j in 0..sl {
+                    let bit = j * bits as usize;
+                    let code = (data[s * sb + bit / 8] >> (bit % 8)) & ((1u16 << bits) - 1) as u8;
+                    let g = s * gps + j / group;
+                    want[s * sl + j] = code as f32 / sc[g].to_f32() + mn[g].to_f32();
+                }
+            }
+            let up = CudaQuantized::from_host(cuda(&dev), bits, group, n * sl, sl, &data, &mn, &sc)
+                .unwrap();
+            let got = dequantize_cuda(&up, n * sl)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                    "bits {bits} sample_len {sl} group {group}: element {i}: gpu {g:e} ({:#x}) \
+                     want {w:e} ({:#x})",
+                    g.to_bits(),
+                    w.to_bits()
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn empty_tensor() {
     let dev = gpu();

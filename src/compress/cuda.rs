@@ -291,9 +291,12 @@ fn launch_quantize(
     let n = x.len() / sample_len;
     let groups = (n * sample_len.div_ceil(p.group)) as u64;
     let func = dev.get_or_load_custom_func("quantize", MODULE, PTX)?;
-    // A team of T lanes per group (the power of two >= group / 4, at most 32): 32 / T groups
-    // per warp, 8 warps per block.
-    let team = (p.group as u64 / 4).next_power_of_two().min(32);
+    // A team of T lanes per group (the power of two >= group / 16, in 2..=32; the kernel's
+    // `QPL` = 4 quads per lane): 32 / T groups per warp, 8 warps per block.
+    let team = (p.group as u64 / 4)
+        .div_ceil(4)
+        .next_power_of_two()
+        .clamp(2, 32);
     let groups_per_block = (32 / team) * (EBLOCK as u64 / 32);
     let cfg = wave_cfg(dev, &func, groups.div_ceil(groups_per_block))?;
     let (n64, sl, g, bits) = (n as u64, sample_len as u64, p.group as u64, p.bits as u32);
@@ -303,8 +306,10 @@ fn launch_quantize(
     b.arg(&sl);
     b.arg(&g);
     b.arg(&bits);
-    b.arg(&p.seed);
-    b.arg(&p.stream);
+    // The RNG key (`rng::stream_key`) is derived here, once: computed in the kernel, nvcc
+    // rematerialises its two mix64 in every round (~70 instructions per group).
+    let key = super::rng::stream_key(p.seed, p.stream);
+    b.arg(&key);
     b.arg(data);
     b.arg(mins);
     b.arg(scales);
