@@ -170,8 +170,8 @@ fn rng_matches_cpu() {
 fn quantize_matches_cpu_every_width_and_odd_sizes() {
     let dev = gpu();
     // (n_samples, sample_len, group). The kernel's paths: team size T = 2..32 lanes per group
-    // (group 8 .. >= 128), the register fast path (16-byte aligned start, whole quads, group
-    // <= 256) and the general one (odd sample_len: unaligned group starts, odd flat indices
+    // (groups 8..32 -> 2, 256 -> 16, >= 512 -> 32; up to 4 quads per lane), the register fast
+    // path (16-byte aligned start, whole quads, group <= 512) and the general one (odd sample_len: unaligned group starts, odd flat indices
     // for the RNG pairs; tail groups of any length; groups > 256 re-read), bits 1's lane pairs
     // with an odd quad count.
     let shapes: &[(usize, usize, usize)] = &[
@@ -199,6 +199,16 @@ fn quantize_matches_cpu_every_width_and_odd_sizes() {
         (17, 255, 40),
         (2, 300, 4096),
         (3, 12, 8),
+        // Fast-path boundaries of 4 quads per lane: group 512 (T = 32), 32 (T = 2), 48 and 136
+        // (partly filled last round), 4-aligned tails with an odd quad count (76 = 64 + 12,
+        // 20 = 16 + 4, 520 = 512 + 8).
+        (3, 1536, 512),
+        (2, 520, 512),
+        (4, 96, 32),
+        (3, 144, 48),
+        (2, 272, 136),
+        (5, 76, 64),
+        (6, 20, 16),
     ];
     for bits in [1u8, 2, 4, 8] {
         for (k, &(n, sl, g)) in shapes.iter().enumerate() {
