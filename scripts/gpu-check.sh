@@ -13,7 +13,7 @@
 #
 # Env: CHECK_TIMEOUT (s per check, default 240), FIT_STEPS (default 100), SKIP_CPU=1 (skip the
 # CPU reference runs), GPU_CHECKS (space-separated subset of: tests bench fit max-batch
-# profile-memory; default all), MAXB_MEMORY (default 16GiB), MAXB_LEVELS (default L0..L4),
+# profile-memory; default all), MAXB_MEMORY (default 8GiB), MAXB_LEVELS (default L0..L4),
 # MAXB_MODELS (default "resnet50 gpt-small").
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -170,8 +170,8 @@ if want fit; then
 fi
 
 # --- 4. max-batch on the card, L0..L4: a ResNet-50 and a GPT-2-small-shaped transformer --------
-# --memory emulates a 16 GiB card (ActNN's T4 comparison); MAXB_MEMORY overrides it.
-maxb_memory=${MAXB_MEMORY:-16GiB}
+# --memory emulates an 8 GiB card (README's table; ratios to compare with ActNN's 16 GB T4); MAXB_MEMORY overrides it.
+maxb_memory=${MAXB_MEMORY:-8GiB}
 maxb_levels=${MAXB_LEVELS:-L0,L1,L2,L3,L4}
 maxb() {  # maxb NAME MODEL DATA [extra flags]
   local name=$1 model=$2 data=$3; shift 3
