@@ -75,7 +75,14 @@ fn open_cuda(n: usize) -> Result<Device> {
 /// Parses and opens `--device`, makes it the process's compute device and installs its memory
 /// meter (the host's counting allocator for the CPU, the CUDA pool meter for a GPU).
 pub fn select_flag(flag: &str) -> Result<Device> {
-    let dev = DeviceSpec::parse(flag)?.open()?;
+    let spec = DeviceSpec::parse(flag)?;
+    // Already selected (max-batch reads a GPU's free memory before it runs): keep that device,
+    // its stream and its meter instead of opening a second handle.
+    let cur = current();
+    if spec_of(&cur) == Some(spec) {
+        return Ok(cur);
+    }
+    let dev = spec.open()?;
     select(&dev).with_context(|| format!("--device {flag}: setting up memory accounting"))?;
     Ok(dev)
 }
@@ -127,15 +134,20 @@ pub fn to_current(t: &Tensor) -> Result<Tensor> {
     Ok(t.to_device(&dev)?)
 }
 
+/// What `dev` is as a flag would name it (`None` for other backends).
+fn spec_of(dev: &Device) -> Option<DeviceSpec> {
+    match dev.location() {
+        candle_core::DeviceLocation::Cpu => Some(DeviceSpec::Cpu),
+        candle_core::DeviceLocation::Cuda { gpu_id } => Some(DeviceSpec::Cuda(gpu_id)),
+        _ => None,
+    }
+}
+
 /// The `cuda:N` / `cpu` name of a device, for reports.
 pub fn name(dev: &Device) -> String {
-    match dev {
-        Device::Cpu => "cpu".into(),
-        Device::Cuda(_) => match dev.location() {
-            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-            _ => "cuda".into(),
-        },
-        _ => format!("{:?}", dev.location()),
+    match spec_of(dev) {
+        Some(spec) => spec.name(),
+        None => format!("{:?}", dev.location()),
     }
 }
 

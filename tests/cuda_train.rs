@@ -48,21 +48,14 @@ fn tokens(len: usize, vocab: usize) -> InputSpec {
     }
 }
 
+fn host_f64(t: &Tensor) -> Vec<f64> {
+    let t = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    t.to_vec1().unwrap()
+}
+
+/// `(‖a − b‖, ‖b‖)` over all elements, in f64 on the host.
 fn norm_diff(a: &Tensor, b: &Tensor) -> (f64, f64) {
-    let a: Vec<f64> = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let b: Vec<f64> = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let (a, b) = (host_f64(a), host_f64(b));
     assert_eq!(a.len(), b.len());
     let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
     let den: f64 = b.iter().map(|y| y * y).sum();

@@ -7,6 +7,7 @@ use super::cuda::{
     dequantize_cuda, dequantize_samples_cuda, mask_pack_cuda, mask_unpack_cuda, quantize_cuda,
     uints_pack_cuda, uints_unpack_cuda, CudaBitMask, CudaPackedUints, CudaQuantized,
 };
+use super::policy::{bits_per_element, sample_rows};
 use super::QuantParams;
 use crate::tape::PackedContext;
 use anyhow::{Context as _, Result};
@@ -73,12 +74,9 @@ impl PackedContext for CudaQuantContext {
         first: usize,
         count: usize,
     ) -> Result<Tensor> {
-        let mut dims = shape.dims().to_vec();
-        // Rows are samples only when the tensor was quantized per sample along dim 0.
-        if dims.is_empty() || self.0.n_samples() != dims[0] {
+        let Some(dims) = sample_rows(shape, self.0.n_samples(), count) else {
             return Ok(self.unpack(shape, dtype, device)?.narrow(0, first, count)?);
-        }
-        dims[0] = count;
+        };
         let t = dequantize_samples_cuda(&self.0, first, count, dims)
             .context("dequantizing a saved context")?;
         finish(t, dtype, device)
@@ -87,7 +85,7 @@ impl PackedContext for CudaQuantContext {
         self.0.stored_bytes()
     }
     fn bits(&self) -> f32 {
-        (self.0.stored_bytes() * 8) as f32 / self.0.len.max(1) as f32
+        bits_per_element(self.0.stored_bytes(), self.0.len)
     }
     fn label(&self) -> String {
         format!("q{}", self.0.bits)
@@ -106,7 +104,7 @@ impl PackedContext for CudaMaskContext {
         self.0.stored_bytes()
     }
     fn bits(&self) -> f32 {
-        (self.0.stored_bytes() * 8) as f32 / self.0.len.max(1) as f32
+        bits_per_element(self.0.stored_bytes(), self.0.len)
     }
     fn label(&self) -> String {
         // The host mask's label, so reports read the same on both devices (the row-chunked
@@ -126,7 +124,7 @@ impl PackedContext for CudaIndexContext {
         self.0.stored_bytes()
     }
     fn bits(&self) -> f32 {
-        (self.0.stored_bytes() * 8) as f32 / self.0.len.max(1) as f32
+        bits_per_element(self.0.stored_bytes(), self.0.len)
     }
     fn label(&self) -> String {
         format!("idx{}", self.0.bits)

@@ -258,6 +258,22 @@ fn tensor_from_f32(v: Vec<f32>, shape: &Shape, dtype: DType, device: &Device) ->
     })
 }
 
+/// The shape of `count` rows of a context of `shape` quantized in `n_samples` samples, when
+/// its rows are those samples (quantized per sample along dim 0); `None` otherwise.
+pub(crate) fn sample_rows(shape: &Shape, n_samples: usize, count: usize) -> Option<Vec<usize>> {
+    let mut dims = shape.dims().to_vec();
+    if dims.first() != Some(&n_samples) {
+        return None;
+    }
+    dims[0] = count;
+    Some(dims)
+}
+
+/// Stored bits per element of a packed context, for reports.
+pub(crate) fn bits_per_element(stored_bytes: usize, len: usize) -> f32 {
+    (stored_bytes * 8) as f32 / len.max(1) as f32
+}
+
 struct QuantContext(QuantizedTensor);
 
 impl PackedContext for QuantContext {
@@ -274,12 +290,9 @@ impl PackedContext for QuantContext {
         first: usize,
         count: usize,
     ) -> Result<Tensor> {
-        let mut dims = shape.dims().to_vec();
-        // Rows are samples only when the tensor was quantized per sample along dim 0.
-        if dims.is_empty() || self.0.n_samples() != dims[0] {
+        let Some(dims) = sample_rows(shape, self.0.n_samples(), count) else {
             return Ok(self.unpack(shape, dtype, device)?.narrow(0, first, count)?);
-        }
-        dims[0] = count;
+        };
         let mut out = vec![0f32; count * self.0.sample_len()];
         dequantize_samples(&self.0, first, count, &mut out)
             .context("dequantizing a saved context")?;
@@ -373,7 +386,7 @@ impl PackedContext for MaskContext {
         self.0.stored_bytes()
     }
     fn bits(&self) -> f32 {
-        (self.0.stored_bytes() * 8) as f32 / self.0.len().max(1) as f32
+        bits_per_element(self.0.stored_bytes(), self.0.len())
     }
     fn label(&self) -> String {
         MASK_LABEL.into()
@@ -395,7 +408,7 @@ impl PackedContext for IndexContext {
         self.0.stored_bytes()
     }
     fn bits(&self) -> f32 {
-        (self.0.stored_bytes() * 8) as f32 / self.0.len().max(1) as f32
+        bits_per_element(self.0.stored_bytes(), self.0.len())
     }
     fn label(&self) -> String {
         format!("idx{}", self.0.bits())
