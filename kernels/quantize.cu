@@ -11,7 +11,7 @@
 // Self-contained on purpose (no #include, no math.h constants): it compiles with nvcc --ptx and
 // with NVRTC alike. All entry points are extern "C" (unmangled names) and loop grid-stride, so
 // any grid size is correct (src/compress/cuda.rs launches at most about one wave of blocks).
-// Launch `quantize` and `mask_pack` with blockDim.x a multiple of 32 (they work per warp).
+// Launch `quantize_*` and `mask_pack` with blockDim.x a multiple of 32 (they work per warp).
 // Needs sm_80 or newer (min.NaN / max.NaN).
 //
 // The kernels are memory-bound by design (H100: ~3 TB/s): consecutive lanes touch consecutive
@@ -264,9 +264,10 @@ __device__ __forceinline__ void store_quad(u8* __restrict__ dg, size_t da, u32 q
 //          disjoint ranges, so the minimum is the CPU's "first error in memory order".
 // bits in {1, 2, 4, 8}; group a positive multiple of 8, at most 2^30 (validated by the host).
 //
-// Work split: a "team" of T lanes per group, T = the power of two >= group / 16 (a quarter of
-// the group's quads), at least 2, at most 32, so a warp runs 32 / T groups side by side
-// (group 256 -> T = 16, two groups per warp; T = 32 from group 512 up; groups 8..32 -> T = 2).
+// Work split: a "team" of T lanes per group, T = the power of two >= group / (4 QPL) (the
+// group's quads / QPL), at least 2, at most 32, so a warp runs 32 / T groups side by side
+// (QPL 4: group 256 -> T = 16, two groups per warp; T = 32 from group 512 up; groups 8..32 ->
+// T = 2. QPL 2: group 256 -> T = 32).
 // The per-group work (index math, butterfly, group_params: ~260 warp instructions) is SIMT
 // across the warp's groups, so 4 quads per lane halve its cost per element against 2.
 // Lane tl of a team handles the quads (4 consecutive elements) tl, tl + T, ... of its group:
@@ -278,21 +279,76 @@ __device__ __forceinline__ void store_quad(u8* __restrict__ dg, size_t da, u32 q
 //   3. The lane codes its quads and stores 4*bits bits per quad with one store (a byte for
 //      bits 2, u16 for 4, u32 for 8; bits 1: two lanes' nibbles make a byte) when aligned, else
 //      byte by byte.
-// Fast path (team-uniform): group start 16-byte aligned, whole quads, at most QPL = 4 quads per
-// lane (every group <= 512): the quads stay in registers between steps 1 and 3, all loads
-// issued before any math (2 KB in flight per warp). Otherwise (larger
-// groups, unaligned starts, sample tails) step 3 re-reads the quads (L1/L2 hits).
+// Fast path (team-uniform): group start 16-byte aligned, whole quads, at most QPL (4 or 2: the
+// variant) quads per lane (every group <= 128 * QPL): the quads stay in registers between
+// steps 1 and 3, all loads issued before any math (QPL * 512 bytes in flight per warp; PIPE
+// variants issue the next group's during this one's math). Otherwise (larger groups, unaligned
+// starts, sample tails) step 3 re-reads the quads (L1/L2 hits).
 // A lane's RNG counter advances by 2T pairs per round, so the only 64-bit multiplies per
 // element pair are inside mix64.
 
-// Quads per lane of the register fast path (and the team size: T >= quads / QPL).
-#define QPL 4u
+// Variants (one templated body, one extern "C" entry each; src/compress/cuda.rs picks one by
+// name, `QUANTIZE_VARIANT`, and times any with `quantize_variant_kernel_ms`):
+//   QPL  quads per lane of the register fast path (and the team size: T >= quads / QPL);
+//   OCT  bits 1 only (`qslot`): a lane holds whole octets, one byte store, no pair shuffle;
+//   PIPE software pipeline: the NEXT group's fast-path quads are loaded before this group's
+//        butterfly / group_params / coding, so a warp keeps its loads in flight across its own
+//        compute instead of relying on other warps (QPL more float4 registers).
+// Register / occupancy trade-offs are set per entry by __launch_bounds__.
 
-template <int BITS>
+// Geometry of the team's group (n, k) (sample n, group k of it).
+struct QGeo {
+    u64 start;   // first element inside the sample
+    u64 index0;  // flat index of the group's first element
+    const float* xg;
+    u32 glen;  // elements (0: dead team)
+    u32 nq;    // quads
+    u32 vec;   // alignment of xg in floats: 4 / 2 / 1
+    bool fast;
+};
+
+__device__ __forceinline__ QGeo qgeo(const float* __restrict__ x, bool live, u64 n, u64 k,
+                                     u64 sample_len, u64 group, u32 cap) {
+    QGeo r;
+    r.start = k * group;
+    const u64 rest = sample_len - r.start;
+    r.glen = live ? (u32)(rest < group ? rest : group) : 0u;
+    r.nq = (r.glen + 3u) >> 2;
+    r.index0 = n * sample_len + r.start;
+    r.xg = x + r.index0;
+    const size_t xa = (size_t)r.xg;
+    r.vec = (xa & 15) == 0 ? 4u : ((xa & 7) == 0 ? 2u : 1u);
+    r.fast = r.vec == 4u && (r.glen & 3u) == 0 && r.nq <= cap;
+    return r;
+}
+
+// The quad of a group held in slot j of team lane tl on the fast path. Default: quads tl,
+// tl + T, ... (each slot of the team one contiguous span). OCT (bits 1 only): slots 2m, 2m + 1
+// hold the two quads of octet tl + m*T (8 elements = one code byte), so a lane makes whole
+// bytes alone (no pair shuffle) and a team's byte stores are contiguous.
+template <bool OCT>
+__device__ __forceinline__ u32 qslot(u32 tl, u32 j, u32 T) {
+    return OCT ? 2u * (tl + (j >> 1) * T) + (j & 1u) : tl + j * T;
+}
+
+template <u32 QPL, bool OCT>
+__device__ __forceinline__ void qload(const QGeo& ge, u32 tl, u32 T, float4 a[QPL]) {
+#pragma unroll
+    for (u32 j = 0; j < QPL; ++j) {
+        a[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        const u32 q = qslot<OCT>(tl, j, T);
+        if (ge.fast && q < ge.nq) {
+            a[j] = __ldg(reinterpret_cast<const float4*>(ge.xg + 4 * q));
+        }
+    }
+}
+
+template <int BITS, u32 QPL, bool PIPE, bool OCT_ANY>
 __device__ __forceinline__ void quantize_impl(const float* __restrict__ x, u64 n_samples,
                                               u64 sample_len, u64 group, u64 key,
                                               u8* __restrict__ data, u16* __restrict__ mins,
                                               u16* __restrict__ scales, u64* __restrict__ err) {
+    constexpr bool OCT = OCT_ANY && BITS == 1;
     const float levels = (float)((1u << BITS) - 1u);
     const float pinf = __uint_as_float(0x7F800000u);
     const u64 gps = (sample_len + group - 1) / group;
@@ -320,34 +376,44 @@ __device__ __forceinline__ void quantize_impl(const float* __restrict__ x, u64 n
     const u64 sn = stride / gps;
     const u64 sk = stride - sn * gps;
 
+    float4 a[QPL];
+    if (PIPE) {
+        qload<QPL, OCT>(qgeo(x, g < total, n, k, sample_len, group, QPL * T), tl, T, a);
+    }
     for (u64 g0 = warp * tpw; g0 < total; g0 += stride) {  // warp-uniform trip count
         const bool live = g < total;                        // team-uniform
-        const u64 start = k * group;                        // inside the sample
-        const u64 rest = sample_len - start;
-        const u32 glen = live ? (u32)(rest < group ? rest : group) : 0u;
-        const u32 nq = (glen + 3u) >> 2;
-        const u64 index0 = n * sample_len + start;  // flat index of the group's first element
-        const float* xg = x + index0;
-        const size_t xa = (size_t)xg;
-        const u32 vec = (xa & 15) == 0 ? 4u : ((xa & 7) == 0 ? 2u : 1u);
+        const QGeo ge = qgeo(x, live, n, k, sample_len, group, QPL * T);
+        const u64 start = ge.start;
+        const u32 glen = ge.glen;
+        const u32 nq = ge.nq;
+        const u64 index0 = ge.index0;
+        const float* xg = ge.xg;
+        const u32 vec = ge.vec;
+        const bool fast = ge.fast;  // team-uniform
+        if (!PIPE) {
+            qload<QPL, OCT>(ge, tl, T, a);  // all loads first
+        }
+        // The next group of the team (g + stride), and with PIPE its quads, loaded now.
+        u64 nn = n + sn;
+        u64 nk = k + sk;
+        if (nk >= gps) {
+            nk -= gps;
+            ++nn;
+        }
+        float4 b[QPL];
+        if (PIPE) {
+            qload<QPL, OCT>(qgeo(x, g + stride < total, nn, nk, sample_len, group, QPL * T), tl,
+                            T, b);
+        }
 
-        // 1. min, max (non-finite values propagate). Fast path (every group <= 512, 16-byte
+        // 1. min, max (non-finite values propagate). Fast path (groups <= 128 * QPL, 16-byte
         //    aligned, whole quads): a lane holds at most QPL quads, kept in registers for step
         //    3. Otherwise any number of quads, re-read in step 3.
-        const bool fast = vec == 4u && (glen & 3u) == 0 && nq <= QPL * T;  // team-uniform
-        float4 a[QPL];
         float mn = pinf, mx = -pinf;
         if (fast) {
 #pragma unroll
-            for (u32 j = 0; j < QPL; ++j) {  // all loads first
-                a[j] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                if (tl + j * T < nq) {
-                    a[j] = __ldg(reinterpret_cast<const float4*>(xg + 4 * (tl + j * T)));
-                }
-            }
-#pragma unroll
             for (u32 j = 0; j < QPL; ++j) {
-                if (tl + j * T < nq) {
+                if (qslot<OCT>(tl, j, T) < nq) {
                     mn = min_nan(mn, min4(a[j]));
                     mx = max_nan(mx, max4(a[j]));
                 }
@@ -416,7 +482,23 @@ __device__ __forceinline__ void quantize_impl(const float* __restrict__ x, u64 n
             const size_t da = (size_t)dg;
             const bool odd = (index0 & 1) != 0;
             u64 z = key + ((index0 + 4 * tl) >> 1) * GAMMA;
-            if (fast) {
+            if (fast && OCT) {
+                // Quad q's counter: key + ((index0 + 4q) >> 1) * GAMMA = z0 + 2q * GAMMA.
+                const u64 z0 = key + (index0 >> 1) * GAMMA;
+#pragma unroll
+                for (u32 j = 0; j < QPL; j += 2) {
+                    const u32 q0 = qslot<OCT>(tl, j, T);
+                    const u64 zq = z0 + (u64)(2u * q0) * GAMMA;
+                    if (q0 < nq) {  // the octet's second quad may be past a tail group's end
+                        const u32 c0 = encode_quad<BITS>(a[j], zq, odd, gmn, gs);
+                        const u32 c1 = q0 + 1u < nq
+                                           ? encode_quad<BITS>(a[j + 1], zq + 2ULL * GAMMA, odd,
+                                                               gmn, gs)
+                                           : 0u;
+                        dg[q0 >> 1] = (u8)(c0 | (c1 << 4));
+                    }
+                }
+            } else if (fast) {
 #pragma unroll
                 for (u32 j = 0; j < QPL; ++j, z += zstep) {
                     const bool has = tl + j * T < nq;
@@ -440,34 +522,63 @@ __device__ __forceinline__ void quantize_impl(const float* __restrict__ x, u64 n
         }
 
         g += stride;
-        n += sn;
-        k += sk;
-        if (k >= gps) {
-            k -= gps;
-            ++n;
+        n = nn;
+        k = nk;
+        if (PIPE) {
+#pragma unroll
+            for (u32 j = 0; j < QPL; ++j) {
+                a[j] = b[j];
+            }
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-    quantize(const float* __restrict__ x, u64 n_samples, u64 sample_len, u64 group, u32 bits,
-             u64 key, u8* __restrict__ data, u16* __restrict__ mins,
-             u16* __restrict__ scales, u64* __restrict__ err) {
+template <u32 QPL, bool PIPE, bool OCT>
+__device__ __forceinline__ void quantize_bits(const float* __restrict__ x, u64 n_samples,
+                                              u64 sample_len, u64 group, u32 bits, u64 key,
+                                              u8* __restrict__ data, u16* __restrict__ mins,
+                                              u16* __restrict__ scales, u64* __restrict__ err) {
     switch (bits) {
         case 1:
-            quantize_impl<1>(x, n_samples, sample_len, group, key, data, mins, scales, err);
+            quantize_impl<1, QPL, PIPE, OCT>(x, n_samples, sample_len, group, key, data, mins,
+                                             scales, err);
             break;
         case 2:
-            quantize_impl<2>(x, n_samples, sample_len, group, key, data, mins, scales, err);
+            quantize_impl<2, QPL, PIPE, OCT>(x, n_samples, sample_len, group, key, data, mins,
+                                             scales, err);
             break;
         case 4:
-            quantize_impl<4>(x, n_samples, sample_len, group, key, data, mins, scales, err);
+            quantize_impl<4, QPL, PIPE, OCT>(x, n_samples, sample_len, group, key, data, mins,
+                                             scales, err);
             break;
         default:
-            quantize_impl<8>(x, n_samples, sample_len, group, key, data, mins, scales, err);
+            quantize_impl<8, QPL, PIPE, OCT>(x, n_samples, sample_len, group, key, data, mins,
+                                             scales, err);
             break;
     }
 }
+
+// The entries (same arguments; the host's team size follows the variant's QPL):
+//   quantize_q4   QPL 4, no pipeline, up to 255 registers (the 661aa4a kernel);
+//   quantize_p2   QPL 2, pipelined (2 float4 of this group + 2 of the next);
+//   quantize_p2o  QPL 2, pipelined, at most 64 registers (4 blocks = 32 warps per SM);
+//   quantize_p4   QPL 4, pipelined, 2 blocks per SM guaranteed (up to 128 registers);
+//   quantize_q4x, quantize_p2x  q4 / p2 with OCT slots at bits 1 (the same kernel otherwise).
+#define QUANTIZE_ENTRY(NAME, QPL, PIPE, OCT, BOUNDS)                                         \
+    extern "C" __global__ void BOUNDS NAME(                                                  \
+        const float* __restrict__ x, u64 n_samples, u64 sample_len, u64 group, u32 bits,     \
+        u64 key, u8* __restrict__ data, u16* __restrict__ mins, u16* __restrict__ scales,    \
+        u64* __restrict__ err) {                                                             \
+        quantize_bits<QPL, PIPE, OCT>(x, n_samples, sample_len, group, bits, key, data, mins, \
+                                      scales, err);                                          \
+    }
+
+QUANTIZE_ENTRY(quantize_q4, 4u, false, false, __launch_bounds__(256))
+QUANTIZE_ENTRY(quantize_q4x, 4u, false, true, __launch_bounds__(256))
+QUANTIZE_ENTRY(quantize_p2, 2u, true, false, __launch_bounds__(256))
+QUANTIZE_ENTRY(quantize_p2x, 2u, true, true, __launch_bounds__(256))
+QUANTIZE_ENTRY(quantize_p2o, 2u, true, false, __launch_bounds__(256, 4))
+QUANTIZE_ENTRY(quantize_p4, 4u, true, false, __launch_bounds__(256, 2))
 
 // ---------------------------------------------------------------------------------------------
 // Dequantize: x' = q / s + mn (the CPU's `q as f32 / s + mn`: IEEE division, then addition).

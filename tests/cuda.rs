@@ -8,8 +8,8 @@
 
 use actrain::compress::cuda::{
     dequantize_cuda, dequantize_samples_cuda, fill_uniform_cuda, mask_pack_cuda, mask_unpack_cuda,
-    quantize_cuda, quantize_kernel_ms, uints_pack_cuda, uints_unpack_cuda, CudaCompressError,
-    CudaQuantized,
+    quantize_cuda, quantize_cuda_variant, quantize_kernel_ms, quantize_variant_kernel_ms,
+    uints_pack_cuda, uints_unpack_cuda, CudaCompressError, CudaQuantized, QUANTIZE_VARIANTS,
 };
 use actrain::compress::{
     self, dequantize_to_vec, uniform, BitMask, PackedUints, QuantError, QuantParams,
@@ -114,6 +114,11 @@ fn quant_case(dev: &Device, n: usize, sl: usize, group: usize, bits: u8, seed: u
     let t = Tensor::from_slice(&x, (n, sl), dev).unwrap();
     let q = quantize_cuda(&t, sl, &p).unwrap();
     assert_same_quant(&q, &cpu, &what);
+    // Every compiled kernel variant, not only the production one (QUANTIZE_VARIANT).
+    for &(name, _) in QUANTIZE_VARIANTS {
+        let qv = quantize_cuda_variant(&t, sl, &p, name).unwrap();
+        assert_same_quant(&qv, &cpu, &format!("{what} variant {name}"));
+    }
     // Dequantize the GPU codes on the GPU, and the CPU codes on the GPU: both equal the CPU's.
     let want = dequantize_to_vec(&cpu);
     let got = dequantize_cuda(&q, (n, sl)).unwrap();
@@ -173,7 +178,9 @@ fn quantize_matches_cpu_every_width_and_odd_sizes() {
     // (groups 8..32 -> 2, 256 -> 16, >= 512 -> 32; up to 4 quads per lane), the register fast
     // path (16-byte aligned start, whole quads, group <= 512) and the general one (odd sample_len: unaligned group starts, odd flat indices
     // for the RNG pairs; tail groups of any length; groups > 256 re-read), bits 1's lane pairs
-    // with an odd quad count.
+    // with an odd quad count. quant_case runs every kernel variant (QUANTIZE_VARIANTS: QPL 2 / 4,
+    // next-group prefetch, whole-octet lanes at bits 1, whose odd-quad tails are the same
+    // shapes) against the CPU.
     let shapes: &[(usize, usize, usize)] = &[
         (1, 1, 256),
         (1, 7, 8),
@@ -514,22 +521,25 @@ fn run_error_cases(
         }
         let want = compress::quantize(&x, sl, p).unwrap_err();
         let t = Tensor::from_slice(&x, (4, sl), dev).unwrap();
-        let got = quant_err(quantize_cuda(&t, sl, p));
-        match (got, want) {
-            (
-                QuantError::NonFinite {
-                    index: a,
-                    value: va,
-                },
-                QuantError::NonFinite {
-                    index: b,
-                    value: vb,
-                },
-            ) => {
-                assert_eq!(a, b, "{what}");
-                assert_eq!(va.to_bits(), vb.to_bits(), "{what}");
+        for &(name, _) in QUANTIZE_VARIANTS {
+            let what = format!("{what} (variant {name})");
+            let got = quant_err(quantize_cuda_variant(&t, sl, p, name));
+            match (got, want) {
+                (
+                    QuantError::NonFinite {
+                        index: a,
+                        value: va,
+                    },
+                    QuantError::NonFinite {
+                        index: b,
+                        value: vb,
+                    },
+                ) => {
+                    assert_eq!(a, b, "{what}");
+                    assert_eq!(va.to_bits(), vb.to_bits(), "{what}");
+                }
+                (g, w) => assert_eq!(g, w, "{what}"),
             }
-            (g, w) => assert_eq!(g, w, "{what}"),
         }
     }
 }
@@ -673,7 +683,9 @@ fn bench_line(what: &str, ms: f64, bytes: usize, copy: f64, extra: &str) {
 /// Quantize / dequantize throughput at every width, 64M f32 (256 MiB), group 256.
 /// `quantize`: the kernel alone (quantize_kernel_ms: back-to-back launches into preallocated
 /// outputs); `call_ms`: the whole quantize_cuda call (allocations, kernel, one stream
-/// synchronisation for the error flag), host clock. `dequantize`: dequantize_cuda calls
+/// synchronisation for the error flag), host clock. `quantize-<variant>`: each compiled kernel
+/// variant alone (QUANTIZE_VARIANTS; `x` variants at bits 1 only), for picking
+/// QUANTIZE_VARIANT. `dequantize`: dequantize_cuda calls
 /// (allocation from the pool + kernel), CUDA events.
 /// `cargo test --release --features cuda --test cuda -- --ignored --nocapture bench_`
 #[test]
@@ -690,6 +702,14 @@ fn bench_quantize() {
         let q = quantize_cuda(&t, sl, &p).unwrap();
         let moved = len * 4 + q.stored_bytes();
         let kernel = median(quantize_kernel_ms(&t, sl, &p, REPS).unwrap());
+        // Every kernel variant (the production one is also the plain `quantize` line).
+        for &(name, _) in QUANTIZE_VARIANTS {
+            if name.ends_with('x') && bits != 1 {
+                continue; // `x` changes only the 1-bit code
+            }
+            let ms = median(quantize_variant_kernel_ms(&t, sl, &p, name, REPS).unwrap());
+            bench_line(&format!("quantize-{name} bits={bits}"), ms, moved, copy, "");
+        }
         let call = host_ms(&dev, REPS, || {
             quantize_cuda(&t, sl, &p).unwrap();
         });

@@ -224,6 +224,39 @@ impl CudaPackedUints {
 /// row-major order) exactly as [`super::quantize`] does on the CPU. Synchronises once to read
 /// the error flag.
 pub fn quantize_cuda(t: &Tensor, sample_len: usize, p: &QuantParams) -> Result<CudaQuantized> {
+    quantize_cuda_variant(t, sample_len, p, QUANTIZE_VARIANT)
+}
+
+/// The quantize kernel's compiled variants (`kernels/quantize.cu`, entry `quantize_<name>`):
+/// name and QPL (quads per lane of its register fast path, which sets the team size). All are
+/// bit-identical to the CPU (tests/cuda.rs runs every one); they differ only in speed.
+#[doc(hidden)]
+pub const QUANTIZE_VARIANTS: &[(&str, u64)] = &[
+    ("q4", 4),
+    ("q4x", 4),
+    ("p2", 2),
+    ("p2x", 2),
+    ("p2o", 2),
+    ("p4", 4),
+];
+
+/// The variant [`quantize_cuda`] launches (a name from [`QUANTIZE_VARIANTS`]): set it to the
+/// fastest `BENCH quantize-<name>` of tests/cuda.rs's `bench_quantize` on the target GPU (one
+/// line; every variant passes the same parity tests). The names (kernels/quantize.cu): `q4` 4
+/// quads per lane (661aa4a), `p2` / `p4` 2 / 4 quads per lane with the next group's loads
+/// issued before this group's math, `p2o` p2 capped at 64 registers, `x` = whole code bytes
+/// per lane at 1 bit (no pair shuffle; other widths run the base variant's code).
+pub const QUANTIZE_VARIANT: &str = "p2x";
+
+/// [`quantize_cuda`] with the kernel variant `variant` (a name from [`QUANTIZE_VARIANTS`]).
+/// Test / benchmark hook, not API.
+#[doc(hidden)]
+pub fn quantize_cuda_variant(
+    t: &Tensor,
+    sample_len: usize,
+    p: &QuantParams,
+    variant: &str,
+) -> Result<CudaQuantized> {
     validate(p.bits, p.group)?;
     let len = t.elem_count();
     check_shape(len, sample_len)?;
@@ -245,6 +278,7 @@ pub fn quantize_cuda(t: &Tensor, sample_len: usize, p: &QuantParams) -> Result<C
                 &x,
                 sample_len,
                 p,
+                variant,
                 &mut data,
                 &mut mins,
                 &mut scales,
@@ -275,7 +309,7 @@ pub fn quantize_cuda(t: &Tensor, sample_len: usize, p: &QuantParams) -> Result<C
     })
 }
 
-/// Launches `quantize` (no synchronisation). `x` holds `n * sample_len` elements, `len > 0`,
+/// Launches the quantize kernel `quantize_<variant>` (no synchronisation). `x` holds `n * sample_len` elements, `len > 0`,
 /// parameters validated; the outputs have the layout's sizes.
 #[allow(clippy::too_many_arguments)]
 fn launch_quantize(
@@ -283,6 +317,7 @@ fn launch_quantize(
     x: &CudaView<'_, f32>,
     sample_len: usize,
     p: &QuantParams,
+    variant: &str,
     data: &mut CudaSlice<u8>,
     mins: &mut CudaSlice<u16>,
     scales: &mut CudaSlice<u16>,
@@ -290,11 +325,15 @@ fn launch_quantize(
 ) -> Result<()> {
     let n = x.len() / sample_len;
     let groups = (n * sample_len.div_ceil(p.group)) as u64;
-    let func = dev.get_or_load_custom_func("quantize", MODULE, PTX)?;
-    // A team of T lanes per group (the power of two >= group / 16, in 2..=32; the kernel's
-    // `QPL` = 4 quads per lane): 32 / T groups per warp, 8 warps per block.
+    let &(_, qpl) = QUANTIZE_VARIANTS
+        .iter()
+        .find(|(name, _)| *name == variant)
+        .ok_or_else(|| msg(format!("unknown quantize kernel variant {variant:?}")))?;
+    let func = dev.get_or_load_custom_func(&format!("quantize_{variant}"), MODULE, PTX)?;
+    // A team of T lanes per group (the power of two >= group / (4 QPL), in 2..=32; QPL quads
+    // per lane): 32 / T groups per warp, 8 warps per block.
     let team = (p.group as u64 / 4)
-        .div_ceil(4)
+        .div_ceil(qpl)
         .next_power_of_two()
         .clamp(2, 32);
     let groups_per_block = (32 / team) * (EBLOCK as u64 / 32);
@@ -314,7 +353,7 @@ fn launch_quantize(
     b.arg(mins);
     b.arg(scales);
     b.arg(err);
-    // SAFETY: argument list matches `quantize` in kernels/quantize.cu; buffer sizes match the
+    // SAFETY: argument list matches `quantize_*` in kernels/quantize.cu; buffer sizes match the
     // layout; the kernel indexes only inside them.
     unsafe { b.launch(cfg) }.w()?;
     Ok(())
@@ -330,6 +369,18 @@ pub fn quantize_kernel_ms(
     t: &Tensor,
     sample_len: usize,
     p: &QuantParams,
+    reps: usize,
+) -> Result<Vec<f32>> {
+    quantize_variant_kernel_ms(t, sample_len, p, QUANTIZE_VARIANT, reps)
+}
+
+/// [`quantize_kernel_ms`] of the kernel variant `variant` (a name from [`QUANTIZE_VARIANTS`]).
+#[doc(hidden)]
+pub fn quantize_variant_kernel_ms(
+    t: &Tensor,
+    sample_len: usize,
+    p: &QuantParams,
+    variant: &str,
     reps: usize,
 ) -> Result<Vec<f32>> {
     validate(p.bits, p.group)?;
@@ -355,6 +406,7 @@ pub fn quantize_kernel_ms(
                 &x,
                 sample_len,
                 p,
+                variant,
                 &mut data,
                 &mut mins,
                 &mut scales,
