@@ -151,6 +151,18 @@ if want tests; then
   done
 fi
 
+# --- 1b. a card that is not there: a clear error naming the flag, not a panic -------------------
+if want tests; then
+  log=$logdir/no-such-gpu.log
+  if "$bin" fit --device cuda:7 --max-steps 1 --quiet >"$log" 2>&1; then
+    rows+=("no-such-gpu|FAIL|0|--device cuda:7 did not fail")
+  elif grep -q -- "--device cuda:7" "$log" && ! grep -q "panicked" "$log"; then
+    rows+=("no-such-gpu|PASS|0|$(grep -m1 -- '--device cuda:7' "$log" | cut -c1-80)")
+  else
+    rows+=("no-such-gpu|FAIL|0|$(tail -n1 "$log" | cut -c1-80)")
+  fi
+fi
+
 # --- 2. kernel benchmarks (BENCH lines: bandwidth vs a device-to-device copy) -----------------
 if want bench && [ -n "$test_bin" ]; then
   run_check bench "$test_bin" --ignored --nocapture --test-threads=1 bench_

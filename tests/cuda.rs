@@ -178,7 +178,7 @@ fn quantize_matches_cpu_every_width_and_odd_sizes() {
     // (groups 8..32 -> 2, 256 -> 16, >= 512 -> 32; up to 4 quads per lane), the register fast
     // path (16-byte aligned start, whole quads, group <= 512) and the general one (odd sample_len: unaligned group starts, odd flat indices
     // for the RNG pairs; tail groups of any length; groups > 256 re-read), bits 1's lane pairs
-    // with an odd quad count. quant_case runs every kernel variant (QUANTIZE_VARIANTS: QPL 2 / 4,
+    // with an odd quad count. quant_case runs every kernel variant (QUANTIZE_VARIANTS: with and without the
     // next-group prefetch, whole-octet lanes at bits 1, whose odd-quad tails are the same
     // shapes) against the CPU.
     let shapes: &[(usize, usize, usize)] = &[
@@ -684,7 +684,7 @@ fn bench_line(what: &str, ms: f64, bytes: usize, copy: f64, extra: &str) {
 /// `quantize`: the kernel alone (quantize_kernel_ms: back-to-back launches into preallocated
 /// outputs); `call_ms`: the whole quantize_cuda call (allocations, kernel, one stream
 /// synchronisation for the error flag), host clock. `quantize-<variant>`: each compiled kernel
-/// variant alone (QUANTIZE_VARIANTS; `x` variants at bits 1 only), for picking
+/// variant alone (QUANTIZE_VARIANTS), for picking
 /// QUANTIZE_VARIANT. `dequantize`: dequantize_cuda calls
 /// (allocation from the pool + kernel), CUDA events.
 /// `cargo test --release --features cuda --test cuda -- --ignored --nocapture bench_`
@@ -704,9 +704,6 @@ fn bench_quantize() {
         let kernel = median(quantize_kernel_ms(&t, sl, &p, REPS).unwrap());
         // Every kernel variant (the production one is also the plain `quantize` line).
         for &(name, _) in QUANTIZE_VARIANTS {
-            if name.ends_with('x') && bits != 1 {
-                continue; // `x` changes only the 1-bit code
-            }
             let ms = median(quantize_variant_kernel_ms(&t, sl, &p, name, REPS).unwrap());
             bench_line(&format!("quantize-{name} bits={bits}"), ms, moved, copy, "");
         }

@@ -231,22 +231,15 @@ pub fn quantize_cuda(t: &Tensor, sample_len: usize, p: &QuantParams) -> Result<C
 /// name and QPL (quads per lane of its register fast path, which sets the team size). All are
 /// bit-identical to the CPU (tests/cuda.rs runs every one); they differ only in speed.
 #[doc(hidden)]
-pub const QUANTIZE_VARIANTS: &[(&str, u64)] = &[
-    ("q4", 4),
-    ("q4x", 4),
-    ("p2", 2),
-    ("p2x", 2),
-    ("p2o", 2),
-    ("p4", 4),
-];
+pub const QUANTIZE_VARIANTS: &[(&str, u64)] = &[("q4x", 4), ("p4", 4)];
 
-/// The variant [`quantize_cuda`] launches (a name from [`QUANTIZE_VARIANTS`]): set it to the
-/// fastest `BENCH quantize-<name>` of tests/cuda.rs's `bench_quantize` on the target GPU (one
-/// line; every variant passes the same parity tests). The names (kernels/quantize.cu): `q4` 4
-/// quads per lane (661aa4a), `p2` / `p4` 2 / 4 quads per lane with the next group's loads
-/// issued before this group's math, `p2o` p2 capped at 64 registers, `x` = whole code bytes
-/// per lane at 1 bit (no pair shuffle; other widths run the base variant's code).
-pub const QUANTIZE_VARIANT: &str = "p2x";
+/// The variant [`quantize_cuda`] launches (a name from [`QUANTIZE_VARIANTS`]): the fastest
+/// `BENCH quantize-<name>` of tests/cuda.rs's `bench_quantize` (every variant passes the same
+/// parity tests). `q4x`: 4 quads per lane, whole code bytes per lane at 1 bit; `p4`: 4 quads
+/// per lane with the next group's loads issued before this group's math. On an H100
+/// (2026-11-22) q4x gave 70/72/73/80% of a device-to-device copy at 1/2/4/8 bits, p4
+/// 57/71/73/82% (kernels/quantize.cu lists the variants dropped after that run).
+pub const QUANTIZE_VARIANT: &str = "q4x";
 
 /// [`quantize_cuda`] with the kernel variant `variant` (a name from [`QUANTIZE_VARIANTS`]).
 /// Test / benchmark hook, not API.
