@@ -227,6 +227,24 @@ pub fn quantize_cuda(t: &Tensor, sample_len: usize, p: &QuantParams) -> Result<C
     quantize_cuda_variant(t, sample_len, p, QUANTIZE_VARIANT)
 }
 
+/// Uninitialised code, min and scale buffers of a quantized tensor (one element at least:
+/// zero-byte device allocations are invalid). The quantize kernel writes every element the
+/// layout uses before anything reads them.
+fn quantize_outputs(
+    dev: &CudaDevice,
+    data_len: usize,
+    groups: usize,
+) -> Result<(CudaSlice<u8>, CudaSlice<u16>, CudaSlice<u16>)> {
+    // SAFETY: see above; the callers read only what a successful launch wrote.
+    unsafe {
+        Ok((
+            dev.alloc::<u8>(data_len.max(1))?,
+            dev.alloc::<u16>(groups.max(1))?,
+            dev.alloc::<u16>(groups.max(1))?,
+        ))
+    }
+}
+
 /// The quantize kernel's compiled variants (`kernels/quantize.cu`, entry `quantize_<name>`):
 /// name and QPL (quads per lane of its register fast path, which sets the team size). All are
 /// bit-identical to the CPU (tests/cuda.rs runs every one); they differ only in speed.
@@ -259,11 +277,9 @@ pub fn quantize_cuda_variant(
     let data_len = n * (sample_len * p.bits as usize).div_ceil(8);
     with_view::<f32, _>(t, |dev, x| {
         let stream = dev.cuda_stream();
-        // SAFETY: every byte / group of a non-failing run is written by the kernel; on error
-        // the buffers are dropped unread.
-        let mut data = unsafe { dev.alloc::<u8>(data_len.max(1))? };
-        let mut mins = unsafe { dev.alloc::<u16>(groups.max(1))? };
-        let mut scales = unsafe { dev.alloc::<u16>(groups.max(1))? };
+        // Every byte / group of a non-failing run is written by the kernel; on error the
+        // buffers are dropped unread.
+        let (mut data, mut mins, mut scales) = quantize_outputs(dev, data_len, groups)?;
         if len > 0 {
             let mut err = stream.clone_htod(&[NO_ERROR]).w()?;
             launch_quantize(
@@ -388,10 +404,8 @@ pub fn quantize_variant_kernel_ms(
     let data_len = n * (sample_len * p.bits as usize).div_ceil(8);
     with_view::<f32, _>(t, |dev, x| {
         let stream = dev.cuda_stream();
-        // SAFETY: written by the kernel, never read here.
-        let mut data = unsafe { dev.alloc::<u8>(data_len.max(1))? };
-        let mut mins = unsafe { dev.alloc::<u16>(groups.max(1))? };
-        let mut scales = unsafe { dev.alloc::<u16>(groups.max(1))? };
+        // Written by the kernel, never read here.
+        let (mut data, mut mins, mut scales) = quantize_outputs(dev, data_len, groups)?;
         let mut err = stream.clone_htod(&[NO_ERROR]).w()?;
         let mut launch = || {
             launch_quantize(
