@@ -2,8 +2,8 @@
 //! reproducibility, errors, masks and packed uints.
 
 use actrain::compress::{
-    dequantize, dequantize_to_vec, fill_uniform, quantize, quantize_with_noise, uniform, BitMask,
-    PackedUints, QuantError, QuantParams, QuantizedTensor,
+    dequantize, dequantize_to_vec, fill_uniform, quantize, quantize_samples_into,
+    quantize_with_noise, uniform, BitMask, PackedUints, QuantError, QuantParams, QuantizedTensor,
 };
 
 const WIDTHS: [u8; 4] = [1, 2, 4, 8];
@@ -574,4 +574,61 @@ fn dequantize_samples_matches_full_dequantize() {
             assert!(dequantize_samples(&q, 8, 2, &mut too_far).is_err());
         }
     }
+}
+
+/// Filling a tensor a few samples at a time (`quantize_samples_into`, how an op saves an
+/// output it computes in batch chunks) gives exactly the codes and metadata of quantizing it
+/// whole: the noise is keyed by the flat index in the whole tensor. Covers every width,
+/// samples that end in a short group, uneven chunks, and tensors large enough to be split
+/// into parallel units.
+#[test]
+fn quantizing_in_sample_chunks_is_bit_identical_to_whole() {
+    for &bits in &WIDTHS {
+        for &(n, sample_len, group) in &[(7, 300, 256), (5, 64, 64), (3, 70_000, 256), (9, 1, 8)] {
+            let x = data(n * sample_len, 0, 40 + bits as u64);
+            let params = p(bits, group, 123, 7);
+            let whole = quantize(&x, sample_len, &params).unwrap();
+            for chunk in [1, 2, 4, n] {
+                let mut q = QuantizedTensor::for_samples(n, sample_len, &params).unwrap();
+                let mut first = 0;
+                while first < n {
+                    let len = chunk.min(n - first);
+                    let part = &x[first * sample_len..(first + len) * sample_len];
+                    quantize_samples_into(&mut q, first, part, &params).unwrap();
+                    first += len;
+                }
+                let what = format!("bits {bits}, {n}x{sample_len}, group {group}, chunk {chunk}");
+                assert_eq!(q.data(), whole.data(), "{what}: codes");
+                assert_eq!(q.mins(), whole.mins(), "{what}: mins");
+                assert_eq!(q.scales(), whole.scales(), "{what}: scales");
+                assert_eq!(q.len(), whole.len(), "{what}: len");
+            }
+        }
+    }
+}
+
+/// A chunk that does not fit the tensor, or other quantizer settings, is an error, not a
+/// silent write elsewhere.
+#[test]
+fn quantizing_in_sample_chunks_rejects_mismatches() {
+    let params = p(2, 64, 1, 1);
+    let mut q = QuantizedTensor::for_samples(4, 100, &params).unwrap();
+    let x = data(200, 0, 3);
+    assert!(
+        quantize_samples_into(&mut q, 3, &x, &params).is_err(),
+        "past the end"
+    );
+    assert!(
+        quantize_samples_into(&mut q, 0, &x[..150], &params).is_err(),
+        "partial sample"
+    );
+    assert!(
+        quantize_samples_into(&mut q, 0, &x, &p(4, 64, 1, 1)).is_err(),
+        "other bits"
+    );
+    assert!(
+        quantize_samples_into(&mut q, 0, &x, &p(2, 128, 1, 1)).is_err(),
+        "other group"
+    );
+    assert!(quantize_samples_into(&mut q, 2, &x, &params).is_ok());
 }

@@ -778,6 +778,25 @@ impl BitPlan for VariancePlan {
         slot.bits.unwrap_or(uniform)
     }
 
+    fn bits_for_rows(&mut self, op: &'static str, slot: usize, elements: usize) -> Option<u8> {
+        let Ok(mut s) = self.state.try_borrow_mut() else {
+            return Some(LADDER[LADDER.len() - 1]);
+        };
+        // An analytic estimate reads every saved tensor whole: gather it this step.
+        if s.gather_energy {
+            return None;
+        }
+        if s.slots.len() <= slot {
+            s.slots.resize_with(slot + 1, Slot::default);
+        }
+        let (step, uniform) = (s.step, s.uniform);
+        let slot = &mut s.slots[slot];
+        slot.op = op;
+        slot.elements = elements;
+        slot.seen_step = step;
+        Some(slot.bits.unwrap_or(uniform))
+    }
+
     fn wants_output_grads(&self) -> bool {
         self.state.try_borrow().is_ok_and(|s| s.gather_energy)
     }

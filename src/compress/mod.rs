@@ -31,7 +31,7 @@ pub use error::QuantError;
 #[doc(hidden)]
 pub use quantize::quantize_with_noise;
 pub use quantize::{
-    dequantize, dequantize_samples, dequantize_to_vec, quantize, QuantParams, QuantizedTensor,
-    DEFAULT_GROUP, MAX_GROUP,
+    dequantize, dequantize_samples, dequantize_to_vec, quantize, quantize_samples_into,
+    QuantParams, QuantizedTensor, DEFAULT_GROUP, MAX_GROUP,
 };
 pub use rng::{fill_uniform, uniform};

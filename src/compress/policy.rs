@@ -6,9 +6,13 @@
 //! rung that fits the budget; the gradient-variance allocator plugs in through the same trait.
 
 use super::{
-    dequantize, dequantize_samples, quantize, BitMask, PackedUints, QuantParams, QuantizedTensor,
+    dequantize, dequantize_samples, quantize, quantize_samples_into, BitMask, PackedUints,
+    QuantParams, QuantizedTensor,
 };
-use crate::tape::{ContextPolicy, GradObservation, Packed, PackedContext, SaveAs, SaveRequest};
+use crate::tape::{
+    ContextPolicy, GradObservation, Packed, PackedContext, RowPacker, RowsRequest, SaveAs,
+    SaveRequest,
+};
 use anyhow::{bail, Context as _, Result};
 use candle_core::{DType, Device, Shape, Storage, Tensor};
 
@@ -85,6 +89,12 @@ pub trait BitPlan {
     }
     /// The node that saved a slot received its output gradient ([`GradObservation`]).
     fn observe_output_grad(&mut self, _obs: &GradObservation) {}
+    /// Bits for a tensor of `elements` saved at `slot` that arrives in row chunks, so there
+    /// is no whole tensor to look at; `None` when this step's plan needs to see it whole
+    /// (then the tape gathers it and calls [`BitPlan::bits_for`]).
+    fn bits_for_rows(&mut self, _op: &'static str, _slot: usize, _elements: usize) -> Option<u8> {
+        None
+    }
 }
 
 /// Every tensor gets the same rung: the most precise one within the average budget.
@@ -106,6 +116,9 @@ impl UniformPlan {
 impl BitPlan for UniformPlan {
     fn bits_for(&mut self, _req: &SaveRequest) -> u8 {
         self.bits
+    }
+    fn bits_for_rows(&mut self, _op: &'static str, _slot: usize, _elements: usize) -> Option<u8> {
+        Some(self.bits)
     }
 }
 
@@ -157,6 +170,35 @@ impl CompressPolicy {
     fn excluded(&self, op: &str) -> bool {
         self.cfg.exclude_ops.iter().any(|e| e == op)
     }
+
+    /// The quantizer settings of the context saved at `slot` in `step`: the noise stream is
+    /// the slot, under a seed that changes every step.
+    fn quant_params(&self, bits: u8, step: u64, slot: usize) -> QuantParams {
+        QuantParams {
+            bits,
+            group: self.cfg.group,
+            seed: crate::tape::splitmix64(self.cfg.seed ^ step.rotate_left(32)),
+            stream: slot as u64,
+        }
+    }
+}
+
+/// A quantized context filled a few samples at a time ([`ContextPolicy::pack_rows`]).
+struct QuantRows {
+    q: QuantizedTensor,
+    params: QuantParams,
+}
+
+impl RowPacker for QuantRows {
+    fn push(&mut self, first: usize, rows: &Tensor) -> Result<()> {
+        with_f32(rows, |x| {
+            Ok(quantize_samples_into(&mut self.q, first, x, &self.params)?)
+        })
+        .context("quantizing a saved context")
+    }
+    fn finish(self: Box<Self>) -> Result<Box<dyn PackedContext>> {
+        Ok(Box::new(QuantContext(self.q)))
+    }
 }
 
 impl ContextPolicy for CompressPolicy {
@@ -170,6 +212,33 @@ impl ContextPolicy for CompressPolicy {
 
     fn observe_output_grad(&mut self, obs: &GradObservation) {
         self.plan.observe_output_grad(obs);
+    }
+
+    fn pack_rows(&mut self, req: &RowsRequest) -> Result<Option<Box<dyn RowPacker>>> {
+        // Quantized into place: f32 activations of at least `min_elements` on the CPU. The
+        // rest (fp32 levels, masks, other dtypes and devices) is gathered and packed whole.
+        let elements = req.shape.elem_count();
+        let n = req.shape.dims().first().copied().unwrap_or(0);
+        if !self.cfg.level.compresses()
+            || self.excluded(req.op)
+            || req.kind != SaveAs::Activation
+            || req.dtype != DType::F32
+            || !req.device.is_cpu()
+            || req.shape.rank() < 2
+            || n == 0
+            || elements < self.cfg.min_elements
+        {
+            return Ok(None);
+        }
+        let Some(bits) = self.plan.bits_for_rows(req.op, req.slot, elements) else {
+            return Ok(None);
+        };
+        if bits >= 32 {
+            return Ok(None);
+        }
+        let params = self.quant_params(bits, req.step, req.slot);
+        let q = QuantizedTensor::for_samples(n, elements / n, &params)?;
+        Ok(Some(Box::new(QuantRows { q, params })))
     }
 
     fn pack(&mut self, req: &SaveRequest) -> Result<Packed> {
@@ -212,12 +281,7 @@ impl ContextPolicy for CompressPolicy {
                     Some(&n) if n > 0 && t.rank() > 1 => t.elem_count() / n,
                     _ => t.elem_count(),
                 };
-                let params = QuantParams {
-                    bits,
-                    group: self.cfg.group,
-                    seed: crate::tape::splitmix64(self.cfg.seed ^ req.step.rotate_left(32)),
-                    stream: req.slot as u64,
-                };
+                let params = self.quant_params(bits, req.step, req.slot);
                 #[cfg(feature = "cuda")]
                 if t.device().is_cuda() {
                     return super::cuda_context::pack_activation(t, sample_len, &params)

@@ -342,38 +342,115 @@ fn quantize_impl<N: Noise>(
     if sample_len == 0 || !len.is_multiple_of(sample_len) {
         return Err(QuantError::BadShape { len, sample_len });
     }
-    let n = len / sample_len;
-    let gps = sample_len.div_ceil(p.group);
-    let sb = (sample_len * p.bits as usize).div_ceil(8);
-    let mut q = QuantizedTensor {
-        bits: p.bits,
-        group: p.group,
-        len,
-        sample_len,
-        mins: vec![bf16::ZERO; n * gps],
-        scales: vec![bf16::ZERO; n * gps],
-        data: vec![0u8; n * sb],
+    let mut q = QuantizedTensor::for_samples(len / sample_len, sample_len, p)?;
+    let (data, mins, scales) = (&mut q.data[..], &mut q.mins[..], &mut q.scales[..]);
+    quantize_spans(x, sample_len, p, noise, 0, data, mins, scales)?;
+    Ok(q)
+}
+
+impl QuantizedTensor {
+    /// An all-zero tensor of `n_samples` samples of `sample_len` elements at `p`'s bits and
+    /// group, to be filled a few samples at a time by [`quantize_samples_into`].
+    pub fn for_samples(
+        n_samples: usize,
+        sample_len: usize,
+        p: &QuantParams,
+    ) -> Result<Self, QuantError> {
+        p.validate()?;
+        if sample_len == 0 {
+            return Err(QuantError::BadShape { len: 0, sample_len });
+        }
+        let gps = sample_len.div_ceil(p.group);
+        let sb = (sample_len * p.bits as usize).div_ceil(8);
+        Ok(QuantizedTensor {
+            bits: p.bits,
+            group: p.group,
+            len: n_samples * sample_len,
+            sample_len,
+            mins: vec![bf16::ZERO; n_samples * gps],
+            scales: vec![bf16::ZERO; n_samples * gps],
+            data: vec![0u8; n_samples * sb],
+        })
+    }
+}
+
+/// Quantizes whole samples `first..first + x.len() / sample_len` of `q` from `x`. The noise
+/// of each element is keyed by its flat index in the whole tensor, so filling `q` chunk by
+/// chunk gives exactly the codes [`quantize`] gives for the whole tensor at once: an op that
+/// computes its output a batch chunk at a time saves it without a whole fp32 copy.
+pub fn quantize_samples_into(
+    q: &mut QuantizedTensor,
+    first: usize,
+    x: &[f32],
+    p: &QuantParams,
+) -> Result<(), QuantError> {
+    p.validate()?;
+    let sample_len = q.sample_len;
+    let count = x.len() / sample_len.max(1);
+    if p.bits != q.bits
+        || p.group != q.group
+        || sample_len == 0
+        || !x.len().is_multiple_of(sample_len)
+        || first + count > q.n_samples()
+    {
+        return Err(QuantError::BadShape {
+            len: (first + count) * sample_len,
+            sample_len,
+        });
+    }
+    let gps = sample_len.div_ceil(q.group);
+    let sb = (sample_len * q.bits as usize).div_ceil(8);
+    let data = &mut q.data[first * sb..(first + count) * sb];
+    let mins = &mut q.mins[first * gps..(first + count) * gps];
+    let scales = &mut q.scales[first * gps..(first + count) * gps];
+    let noise = CounterNoise {
+        key: rng::stream_key(p.seed, p.stream),
     };
+    quantize_spans(
+        x,
+        sample_len,
+        p,
+        &noise,
+        first * sample_len,
+        data,
+        mins,
+        scales,
+    )
+}
+
+/// The quantisation of `x` (whole samples) into its slices of the output buffers, in
+/// parallel units; `index_base` is the flat index of `x[0]` in the whole tensor.
+#[allow(clippy::too_many_arguments)]
+fn quantize_spans<N: Noise>(
+    x: &[f32],
+    sample_len: usize,
+    p: &QuantParams,
+    noise: &N,
+    index_base: usize,
+    data: &mut [u8],
+    mins: &mut [bf16],
+    scales: &mut [bf16],
+) -> Result<(), QuantError> {
+    let len = x.len();
     if len == 0 {
-        return Ok(q);
+        return Ok(());
     }
     let isa = cpu::isa();
     if len <= cpu::PAR_MIN_ELEMS {
         let mut span = QSpan {
             x,
-            index0: 0,
+            index0: index_base,
             seg_len: sample_len,
-            data: &mut q.data,
-            mins: &mut q.mins,
-            scales: &mut q.scales,
+            data,
+            mins,
+            scales,
         };
-        quant_dispatch(isa, p.bits, p.group, noise, &mut span)?;
-        return Ok(q);
+        return quant_dispatch(isa, p.bits, p.group, noise, &mut span);
     }
     let units = plan(len, sample_len, p.group, p.bits);
     let mut jobs = Vec::with_capacity(units.len());
-    let (mut xr, mut d, mut m, mut s) = (x, &mut q.data[..], &mut q.mins[..], &mut q.scales[..]);
-    let mut index0 = 0;
+    let (mut xr, mut d, mut m, mut s) = (x, data, mins, scales);
+    let mut index0 = index_base;
     for u in &units {
         let (x0, x1) = xr.split_at(u.elems);
         let (d0, d1) = d.split_at_mut(u.bytes);
@@ -397,7 +474,7 @@ fn quantize_impl<N: Noise>(
         .collect();
     // First error in memory order, so the reported index does not depend on scheduling.
     results.into_iter().collect::<Result<Vec<()>, _>>()?;
-    Ok(q)
+    Ok(())
 }
 
 /// A parallel work unit: `elems` consecutive elements made of equal segments of `seg_len`

@@ -94,6 +94,27 @@ pub struct SaveRequest<'a> {
     pub is_param: bool,
 }
 
+/// What a policy is asked to store when the tensor arrives a few rows (samples) at a time:
+/// an op that computes its output in batch chunks saves it without a whole fp32 copy.
+pub struct RowsRequest<'a> {
+    pub op: &'static str,
+    pub kind: SaveAs,
+    /// The whole tensor's shape; dim 0 is the batch the chunks split.
+    pub shape: &'a Shape,
+    pub dtype: DType,
+    pub device: &'a Device,
+    pub slot: usize,
+    pub step: u64,
+}
+
+/// A context being filled in row chunks (see [`ContextPolicy::pack_rows`]).
+pub trait RowPacker {
+    /// Rows `first..first + rows.dims()[0]` of the tensor.
+    fn push(&mut self, first: usize, rows: &Tensor) -> Result<()>;
+    /// The finished context, once every row has been pushed.
+    fn finish(self: Box<Self>) -> Result<Box<dyn PackedContext>>;
+}
+
 /// In backward, the output gradient of a node that saved `slot` (analytic sensitivities:
 /// ActNN weighs a context's rounding noise by how strongly the gradient reads it).
 pub struct GradObservation<'a> {
@@ -118,6 +139,13 @@ pub trait ContextPolicy {
         false
     }
     fn observe_output_grad(&mut self, _obs: &GradObservation) {}
+    /// A packer for a tensor that arrives in row chunks, or `None` when this policy needs the
+    /// whole tensor (it keeps it as it is, or looks at all of it to decide): the tape then
+    /// gathers the rows and calls [`ContextPolicy::pack`] as for any save. Whatever the
+    /// answer, the stored context must be what `pack` would have made of the whole tensor.
+    fn pack_rows(&mut self, _req: &RowsRequest) -> Result<Option<Box<dyn RowPacker>>> {
+        Ok(None)
+    }
 }
 
 /// Stores every context as it is: the fp32 baseline (L0), and what gradient checks use.

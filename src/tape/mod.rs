@@ -18,13 +18,13 @@ pub mod gradcheck;
 pub mod params;
 
 pub use context::{
-    ContextPolicy, ContextRecord, GradObservation, KeepPolicy, Packed, PackedContext, SaveAs,
-    SaveRequest, Saved,
+    ContextPolicy, ContextRecord, GradObservation, KeepPolicy, Packed, PackedContext, RowPacker,
+    RowsRequest, SaveAs, SaveRequest, Saved,
 };
 pub use params::{Param, ParamId, ParamStore};
 
 use anyhow::{bail, Context as _, Result};
-use candle_core::{DType, Shape, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
 use context::SavedEntry;
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -170,6 +170,55 @@ pub struct Tape {
     scope: Rc<str>,
 }
 
+/// A context being saved in row chunks ([`Tape::begin_save_rows`]).
+pub struct RowSave {
+    op: &'static str,
+    kind: SaveAs,
+    slot: usize,
+    shape: Shape,
+    dtype: DType,
+    device: Device,
+    /// Rows pushed so far (they must come in order, each once).
+    filled: usize,
+    sink: RowSink,
+}
+
+enum RowSink {
+    /// The policy quantizes each chunk into place.
+    Packer(Box<dyn RowPacker>),
+    /// The rows are copied into the whole tensor, which the policy then packs as usual.
+    Gather(Tensor),
+}
+
+impl RowSave {
+    /// Rows `first..first + rows.dims()[0]`; chunks come in order, starting at row 0.
+    pub fn push(&mut self, first: usize, rows: &Tensor) -> Result<()> {
+        let n = rows.dims().first().copied().unwrap_or(0);
+        if first != self.filled
+            || rows.dims().get(1..) != self.shape.dims().get(1..)
+            || first + n > self.shape.dims()[0]
+            || rows.dtype() != self.dtype
+        {
+            bail!(
+                "{}: rows {first}..{} of shape {:?} ({:?}) do not continue a context of shape {:?} ({:?}) filled to row {}",
+                self.op,
+                first + n,
+                rows.dims(),
+                rows.dtype(),
+                self.shape.dims(),
+                self.dtype,
+                self.filled
+            );
+        }
+        match &mut self.sink {
+            RowSink::Packer(p) => p.push(first, rows)?,
+            RowSink::Gather(t) => t.slice_set(&rows.contiguous()?, 0, first)?,
+        }
+        self.filled += n;
+        Ok(())
+    }
+}
+
 impl Default for Tape {
     fn default() -> Self {
         Self::new(Box::new(KeepPolicy))
@@ -283,6 +332,14 @@ impl Tape {
         }
     }
 
+    /// Whether this step's backward reports each saving node's output gradient to the policy
+    /// (an analytic sensitivity estimate is being gathered): fused ops that save several
+    /// contexts under one node fall back to their parts then, so each context is reported
+    /// with the gradient of the op that read it.
+    pub(crate) fn observes_output_grads(&self) -> bool {
+        self.policy.wants_output_grads()
+    }
+
     /// True when an op over these inputs must record a node (and so save context).
     pub fn needs_grad(&self, inputs: &[&Value]) -> bool {
         self.recording && inputs.iter().any(|v| v.tracked)
@@ -346,31 +403,82 @@ impl Tape {
         is_param: bool,
     ) -> Result<Saved> {
         crate::memory::check_budget()?;
+        let slot = self.slot;
+        self.slot += 1;
+        // Only while the policy gathers output-gradient norms (an analytic estimate).
+        if !is_param && kind != SaveAs::Exact && self.policy.wants_output_grads() {
+            self.unclaimed_slots.push((slot, t.dims().to_vec()));
+        }
+        let packed = self.pack_at(op, t, kind, is_param, slot)?;
+        Ok(self.store(op, kind, packed, t, is_param, slot))
+    }
+
+    /// Asks the policy to pack `t` as the context of `slot`.
+    fn pack_at(
+        &mut self,
+        op: &'static str,
+        t: &Tensor,
+        kind: SaveAs,
+        is_param: bool,
+        slot: usize,
+    ) -> Result<Packed> {
+        // Parameters are stored by reference and exact contexts as they are, whatever the
+        // policy: compressing either would save nothing or break correctness.
+        if is_param || kind == SaveAs::Exact {
+            return Ok(Packed::Full(t.clone()));
+        }
         let req = SaveRequest {
             op,
             kind,
             tensor: t,
-            slot: self.slot,
+            slot,
             step: self.step,
             is_param,
         };
-        // Parameters are stored by reference and exact contexts as they are, whatever the
-        // policy: compressing either would save nothing or break correctness.
-        let packed = if is_param || kind == SaveAs::Exact {
-            Packed::Full(t.clone())
-        } else {
-            // Only while the policy gathers output-gradient norms (an analytic estimate).
-            if self.policy.wants_output_grads() {
-                self.unclaimed_slots.push((self.slot, t.dims().to_vec()));
-            }
-            self.policy
-                .pack(&req)
-                .with_context(|| format!("saving the context of op `{op}`"))?
-        };
+        self.policy
+            .pack(&req)
+            .with_context(|| format!("saving the context of op `{op}`"))
+    }
+
+    /// Logs a packed context of the tensor `like` (its shape, dtype and device) and hands
+    /// out its handle.
+    fn store(
+        &mut self,
+        op: &'static str,
+        kind: SaveAs,
+        packed: Packed,
+        like: &Tensor,
+        is_param: bool,
+        slot: usize,
+    ) -> Saved {
+        self.store_as(
+            op,
+            kind,
+            packed,
+            like.shape(),
+            like.dtype(),
+            like.device(),
+            is_param,
+            slot,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn store_as(
+        &mut self,
+        op: &'static str,
+        kind: SaveAs,
+        packed: Packed,
+        shape: &Shape,
+        dtype: DType,
+        device: &Device,
+        is_param: bool,
+        slot: usize,
+    ) -> Saved {
         let uncompressed_bytes = if is_param {
             0
         } else {
-            t.elem_count() * t.dtype().size_in_bytes()
+            shape.elem_count() * dtype.size_in_bytes()
         };
         let (repr, bits, stored_bytes) = match &packed {
             Packed::Full(_) if is_param => ("param".to_string(), 0.0, 0),
@@ -382,28 +490,122 @@ impl Tape {
             Packed::Compressed(c) => (c.label(), c.bits(), c.stored_bytes()),
         };
         self.records.push(ContextRecord {
-            slot: self.slot,
+            slot,
             scope: self.scope.clone(),
             op,
             repr,
-            shape: t.dims().to_vec(),
+            shape: shape.dims().to_vec(),
             bits,
             stored_bytes,
             uncompressed_bytes,
             shared: false,
         });
-        self.slot += 1;
         self.live_context
             .set(self.live_context.get() + stored_bytes);
-        Ok(Saved(Rc::new(SavedEntry {
+        Saved(Rc::new(SavedEntry {
             kind,
             packed,
-            shape: t.shape().clone(),
-            dtype: t.dtype(),
-            device: t.device().clone(),
+            shape: shape.clone(),
+            dtype,
+            device: device.clone(),
             bytes: stored_bytes,
             live: self.live_context.clone(),
-        })))
+        }))
+    }
+
+    /// Starts a context the op will hand over a few rows (samples) at a time — an output it
+    /// computes in batch chunks — so no whole fp32 copy of it need exist: at L1–L4 on the CPU
+    /// each chunk is quantized into place, with exactly the codes a whole-tensor save would
+    /// give; policies that keep or inspect whole tensors get the rows gathered. Push every
+    /// row with [`RowSave::push`], then [`Tape::finish_save_rows`]. Takes the next slot now.
+    pub fn begin_save_rows(
+        &mut self,
+        op: &'static str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+        kind: SaveAs,
+    ) -> Result<RowSave> {
+        crate::memory::check_budget()?;
+        if shape.is_empty() {
+            bail!("{op}: a context saved in rows needs a batch dimension, got a scalar");
+        }
+        let slot = self.slot;
+        self.slot += 1;
+        if kind != SaveAs::Exact && self.policy.wants_output_grads() {
+            self.unclaimed_slots.push((slot, shape.to_vec()));
+        }
+        let shape = Shape::from_dims(shape);
+        let packer = if kind == SaveAs::Exact {
+            None
+        } else {
+            let req = RowsRequest {
+                op,
+                kind,
+                shape: &shape,
+                dtype,
+                device,
+                slot,
+                step: self.step,
+            };
+            self.policy
+                .pack_rows(&req)
+                .with_context(|| format!("saving the context of op `{op}`"))?
+        };
+        let sink = match packer {
+            Some(p) => RowSink::Packer(p),
+            None => RowSink::Gather(Tensor::zeros(&shape, dtype, device)?),
+        };
+        Ok(RowSave {
+            op,
+            kind,
+            slot,
+            shape,
+            dtype,
+            device: device.clone(),
+            filled: 0,
+            sink,
+        })
+    }
+
+    /// Ends a [`Tape::begin_save_rows`] context once every row was pushed.
+    pub fn finish_save_rows(&mut self, rows: RowSave) -> Result<Saved> {
+        let RowSave {
+            op,
+            kind,
+            slot,
+            shape,
+            dtype,
+            device,
+            filled,
+            sink,
+        } = rows;
+        let n = shape.dims()[0];
+        if filled != n {
+            bail!("{op}: {filled} of the context's {n} rows were saved");
+        }
+        crate::memory::check_budget()?;
+        Ok(match sink {
+            RowSink::Packer(p) => {
+                let c = p
+                    .finish()
+                    .with_context(|| format!("saving the context of op `{op}`"))?;
+                self.store_as(
+                    op,
+                    kind,
+                    Packed::Compressed(c),
+                    &shape,
+                    dtype,
+                    &device,
+                    false,
+                    slot,
+                )
+            }
+            RowSink::Gather(t) => {
+                let packed = self.pack_at(op, &t, kind, false, slot)?;
+                self.store(op, kind, packed, &t, false, slot)
+            }
+        })
     }
 
     /// Logs a context that costs no tensor storage (a dropout seed, a shape) so reports show it.
