@@ -15,6 +15,8 @@
 
 use actrain::compress::policy::{CompressConfig, CompressPolicy, Level};
 use actrain::ops::activation::{set_fused_cpu_kernels, GeluApprox};
+use actrain::ops::attention::MultiHeadAttention;
+use actrain::ops::mlp::Mlp;
 use actrain::ops::norm::{force_generic_norm_kernels, BatchNormStats};
 use actrain::ops::set_context_chunk_bytes;
 use actrain::tape::gradcheck::{max_rel_diff, random_tensor};
@@ -165,6 +167,45 @@ fn downstream(tape: &mut Tape, y: &Value, w: Option<&Value>) -> Result<Value> {
         None => {
             let c = tape.constant(y.tensor().ones_like()?);
             tape.add(y, &c)
+        }
+    }
+}
+
+/// Layer norm and RMS norm read a compressed input a chunk of samples at a time in backward
+/// and write the input gradient into the rows of an owned output gradient (or a new buffer
+/// when the gradient is shared): the same output and gradients as the portable whole-tensor
+/// path, at L3 and L0, with and without the affine parameters.
+#[test]
+fn last_dim_norm_backward_in_chunks_and_in_place_matches_candle_ops() {
+    let x = rand32(&[4, 5, 8], 60, 2.0);
+    let gamma = rand32(&[8], 61, 1.0);
+    let beta = rand32(&[8], 62, 1.0);
+    let wl = rand32(&[8, 8], 63, 0.5);
+    for rms in [false, true] {
+        for affine in [true, false] {
+            for owned in [true, false] {
+                let f = move |t: &mut Tape, v: &[Value]| -> Result<Value> {
+                    // A non-parameter input, so that the context is quantized at L3.
+                    let xin = t.scale(&v[0], 1.5)?;
+                    let (g, b) = if affine {
+                        (Some(&v[1]), Some(&v[2]))
+                    } else {
+                        (None, None)
+                    };
+                    let y = if rms {
+                        t.rms_norm(&xin, g, 1e-5)?
+                    } else {
+                        t.layer_norm(&xin, g, b, 1e-5)?
+                    };
+                    downstream(t, &y, owned.then_some(&v[3]))
+                };
+                let what = format!("rms {rms}, affine {affine}, owned gradient {owned}");
+                check(
+                    &what,
+                    &[x.clone(), gamma.clone(), beta.clone(), wl.clone()],
+                    f,
+                );
+            }
         }
     }
 }
@@ -342,6 +383,120 @@ fn linear_gelu_is_linear_then_gelu() {
     }
 }
 
+/// The fused MLP (`Tape::mlp`: forward and backward in batch chunks, hidden contexts
+/// quantized chunk by chunk) against `linear → gelu → linear` composed: the same contexts in
+/// the same slots (so at L3 the same codes — different rounding noise would move the
+/// gradients by percents, not by the 1e-6 of a different summation order), the same output
+/// and gradients, with and without biases and with a frozen input.
+#[test]
+fn mlp_is_linear_gelu_linear_in_batch_chunks() {
+    let x = rand32(&[4, 6, 8], 21, 1.0);
+    let w1 = rand32(&[16, 8], 22, 0.5);
+    let b1 = rand32(&[16], 23, 0.5);
+    let w2 = rand32(&[5, 16], 24, 0.5);
+    let b2 = rand32(&[5], 25, 0.5);
+    let inputs = [x, w1, b1, w2, b2];
+    let mlp = |approx: GeluApprox, biases: bool| {
+        move |t: &mut Tape, v: &[Value]| {
+            let m = Mlp {
+                w1: &v[1],
+                b1: biases.then_some(&v[2]),
+                w2: &v[3],
+                b2: biases.then_some(&v[4]),
+                approx,
+            };
+            t.mlp(&v[0], &m)
+        }
+    };
+    let composed = |approx: GeluApprox, biases: bool| {
+        move |t: &mut Tape, v: &[Value]| {
+            let h = t.linear(&v[0], &v[1], biases.then_some(&v[2]))?;
+            let h = t.gelu(&h, approx)?;
+            t.linear(&h, &v[3], biases.then_some(&v[4]))
+        }
+    };
+    for approx in [GeluApprox::Tanh, GeluApprox::Erf] {
+        for biases in [true, false] {
+            for level in [Level::L0, Level::L3] {
+                let what = format!("{approx:?}, biases {biases}, {level:?}");
+                // 512 bytes: one sample (6 rows of 16 hidden units) per chunk.
+                let (f, c) = (mlp(approx, biases), composed(approx, biases));
+                let fused = run(Path::Kernels { chunk: 512 }, level, &inputs, &f).unwrap();
+                let comp = run(Path::Kernels { chunk: 512 }, level, &inputs, &c).unwrap();
+                let d = scaled_diff(&fused.out, &comp.out);
+                assert!(d <= 1e-6, "{what}: outputs differ by {d:.2e}");
+                for (i, (a, b)) in fused.grads.iter().zip(&comp.grads).enumerate() {
+                    match (a, b) {
+                        (Some(a), Some(b)) => {
+                            let d = scaled_diff(a, b);
+                            assert!(
+                                d <= 1e-5,
+                                "{what}: gradient of input {i} differs by {d:.2e}"
+                            );
+                        }
+                        (None, None) => {}
+                        _ => panic!("{what}: gradient of input {i} present on one side only"),
+                    }
+                }
+                assert_eq!(
+                    context_summary(level, &inputs, &f, true),
+                    context_summary(level, &inputs, &c, true),
+                    "{what}: saved contexts"
+                );
+            }
+            check(
+                &format!("mlp {approx:?} biases {biases}"),
+                &inputs,
+                mlp(approx, biases),
+            );
+        }
+    }
+}
+
+/// `(slot, op, repr, shape, stored bytes)` of every context `f` saves at `level`, in slot order.
+fn context_summary(
+    level: Level,
+    inputs: &[Tensor],
+    f: &dyn Fn(&mut Tape, &[Value]) -> Result<Value>,
+    fused: bool,
+) -> Vec<(usize, String, String, Vec<usize>, usize)> {
+    set_context_chunk_bytes(Some(512));
+    set_fused_cpu_kernels(fused);
+    let mut store = ParamStore::new();
+    let ids: Vec<_> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| store.add(format!("in{i}"), t.clone()).unwrap())
+        .collect();
+    let policy = CompressPolicy::new(CompressConfig {
+        level,
+        seed: 11,
+        min_elements: 0,
+        ..Default::default()
+    });
+    let mut tape = Tape::new(Box::new(policy)).with_seed(11);
+    tape.begin_step();
+    let vals: Vec<Value> = ids.iter().map(|&id| tape.param(&store, id)).collect();
+    f(&mut tape, &vals).unwrap();
+    set_context_chunk_bytes(None);
+    set_fused_cpu_kernels(true);
+    let mut log: Vec<_> = tape
+        .context_log()
+        .iter()
+        .map(|r| {
+            (
+                r.slot,
+                r.op.to_string(),
+                r.repr.clone(),
+                r.shape.clone(),
+                r.stored_bytes,
+            )
+        })
+        .collect();
+    log.sort();
+    log
+}
+
 #[test]
 fn gradients_meeting_at_forks_add_up_in_place() {
     let x = rand32(&[4, 3, 8], 16, 1.0);
@@ -461,6 +616,54 @@ fn residual_blocks_written_in_place_match_candle_ops() {
 /// Attention's backward runs in batch chunks (each chunk unpacks only its own rows of P, q,
 /// k and v, so only a chunk's score-sized P and dP exist at a time): the same gradients as
 /// the whole batch at once. Causal and not, with every input's gradient wanted.
+#[test]
+fn multi_head_attention_in_batch_chunks_matches_the_composed_ops() {
+    let inputs = [
+        rand32(&[3, 5, 8], 50, 1.0),
+        rand32(&[8, 8], 51, 0.5),
+        rand32(&[8], 52, 0.5),
+        rand32(&[8, 8], 53, 0.5),
+        rand32(&[8, 8], 55, 0.5),
+        rand32(&[8], 56, 0.5),
+        rand32(&[6, 8], 57, 0.5),
+        rand32(&[6], 58, 0.5),
+    ];
+    // No key bias: its gradient is zero up to rounding (softmax ignores a constant shift per
+    // query row), so no relative comparison of it means anything.
+    for causal in [false, true] {
+        let f = move |t: &mut Tape, v: &[Value]| {
+            // A scaled copy: `x` is an op output (compressed at L3), as in a model.
+            let x = t.scale(&v[0], 1.0)?;
+            let m = MultiHeadAttention {
+                wq: &v[1],
+                bq: Some(&v[2]),
+                wk: &v[3],
+                bk: None,
+                wv: &v[4],
+                bv: Some(&v[5]),
+                wo: &v[6],
+                bo: Some(&v[7]),
+                heads: 2,
+                causal,
+            };
+            t.multi_head_attention_owned(x, &m)
+        };
+        // Kernels (fused, one sample per chunk at 512 bytes) against the composed ops.
+        check(
+            &format!("multi_head_attention (causal {causal})"),
+            &inputs,
+            f,
+        );
+        for level in [Level::L0, Level::L3] {
+            assert_eq!(
+                context_summary(level, &inputs, &f, true),
+                context_summary(level, &inputs, &f, false),
+                "causal {causal}, {level:?}: saved contexts, fused vs composed"
+            );
+        }
+    }
+}
+
 #[test]
 fn attention_backward_in_batch_chunks_matches_the_whole_batch() {
     for causal in [false, true] {

@@ -822,17 +822,16 @@ fn run_layer(
             let (g2, b2) = (param(tape, store, 10), param(tape, store, 11));
             let n2 = tape.layer_norm(&x1, g2.as_ref(), b2.as_ref(), 1e-5)?;
             let (w1, c1) = (param(tape, store, 12).expect("fc1"), param(tape, store, 13));
-            let h2 = tape.linear_gelu(
-                &n2,
-                &w1,
-                c1.as_ref(),
-                crate::ops::activation::GeluApprox::Tanh,
-            )?;
-            drop(n2);
             let (w2, c2) = (param(tape, store, 14).expect("fc2"), param(tape, store, 15));
+            let mlp = crate::ops::mlp::Mlp {
+                w1: &w1,
+                b1: c1.as_ref(),
+                w2: &w2,
+                b2: c2.as_ref(),
+                approx: crate::ops::activation::GeluApprox::Tanh,
+            };
             let h3 = {
-                let h3 = tape.linear(&h2, &w2, c2.as_ref())?;
-                drop(h2);
+                let h3 = tape.mlp_owned(n2, &mlp)?;
                 tape.dropout(&h3, *dropout)?
             };
             tape.add_owned(h3, &x1)?

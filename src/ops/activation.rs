@@ -220,6 +220,34 @@ fn gelu_forward(t: &Tensor, approx: GeluApprox) -> Result<Tensor> {
     })
 }
 
+/// `gelu(h)` of a tensor the caller owns: written over `h` on the CPU, a new tensor elsewhere.
+pub(crate) fn gelu_owned(h: Tensor, approx: GeluApprox) -> Result<Tensor> {
+    let in_place = match approx {
+        GeluApprox::Tanh => map_in_place(&h, &GeluTanh)?,
+        GeluApprox::Erf => map_in_place(&h, &GeluErf)?,
+    };
+    if in_place {
+        Ok(h)
+    } else {
+        gelu_forward(&h, approx)
+    }
+}
+
+/// `g * gelu'(h)` for a gradient `g` the caller owns: written over `g` on the CPU.
+pub(crate) fn gelu_grad_owned(h: &Tensor, g: Tensor, approx: GeluApprox) -> Result<Tensor> {
+    let in_place = match approx {
+        GeluApprox::Tanh => zip_in_place(&g, h, &Swap(&GeluTanhGrad))?,
+        GeluApprox::Erf => zip_in_place(&g, h, &Swap(&GeluErfGrad))?,
+    };
+    if in_place {
+        return Ok(g);
+    }
+    Ok(match approx {
+        GeluApprox::Tanh => g.mul(&gelu_tanh_derivative(h)?)?,
+        GeluApprox::Erf => g.mul(&gelu_erf_derivative(h)?)?,
+    })
+}
+
 /// `g * gelu'(x)` with `x` the saved input.
 fn gelu_backward(cx: &Saved, g: Grad, approx: GeluApprox) -> Result<Grad> {
     match approx {

@@ -6,7 +6,8 @@
 //! scale, causal mask and softmax run as one rayon kernel over rows, and so does the softmax
 //! backward; elsewhere (CUDA, half types) the same maths runs as candle ops.
 
-use crate::tape::{Grad, SaveAs, Saved, Tape, Value};
+use super::activation::{add_bias_rows, fused_cpu_kernels};
+use crate::tape::{Grad, RowSave, SaveAs, Saved, Tape, Value};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Storage, Tensor, WithDType, D};
 use rayon::prelude::*;
@@ -77,13 +78,31 @@ impl Tape {
             tq,
             tk,
         };
-        let scores = q.tensor().matmul(&k.tensor().t()?)?;
-        // The scores are a fresh matmul result: on the CPU the softmax overwrites them.
-        let p = mask.softmax_owned(scores)?;
-        let y = p.matmul(v.tensor())?;
+        let score_bytes = h * tq * tk * q.dtype().size_in_bytes();
+        // Scores and P for samples `first..first + len`. The scores are a fresh matmul
+        // result: on the CPU the softmax overwrites them.
+        let probs = |first: usize, len: usize| -> Result<Tensor> {
+            let (qc, kc) = if len == b {
+                (q.tensor().clone(), k.tensor().clone())
+            } else {
+                (
+                    q.tensor().narrow(0, first, len)?,
+                    k.tensor().narrow(0, first, len)?,
+                )
+            };
+            mask.softmax_owned(qc.matmul(&kc.t()?)?)
+        };
         if !self.needs_grad(&[q, k, v]) {
+            let y = probs(0, b)?.matmul(v.tensor())?;
             return Ok(self.constant(y));
         }
+        // On the CPU the forward runs in batch chunks too, P saved chunk by chunk
+        // (`begin_save_rows`): no score-sized tensor of the whole batch ever exists.
+        let chunk = if q.tensor().device().is_cpu() {
+            super::chunk_rows_for(b, 2 * score_bytes)
+        } else {
+            b
+        };
         let (nq, nk) = (q.is_tracked(), k.is_tracked());
         let cq = if nk {
             Some(self.save(OP, q, SaveAs::Activation)?)
@@ -100,9 +119,24 @@ impl Tape {
         } else {
             None
         };
-        let cp = self.save_derived(OP, &p, SaveAs::Activation)?;
-        drop(p);
-        let score_bytes = h * tq * tk * q.dtype().size_in_bytes();
+        let (y, cp) = if chunk >= b {
+            let p = probs(0, b)?;
+            let y = p.matmul(v.tensor())?;
+            (y, self.save_derived(OP, &p, SaveAs::Activation)?)
+        } else {
+            let dv = vd[3];
+            let (dt, dev) = (q.dtype(), q.tensor().device().clone());
+            let y = Tensor::zeros((b, h, tq, dv), dt, &dev)?;
+            let mut rows =
+                self.begin_save_rows(OP, &[b, h, tq, tk], dt, &dev, SaveAs::Activation)?;
+            for (first, len) in super::row_chunks(b, chunk) {
+                let p = probs(first, len)?;
+                y.slice_set(&p.matmul(&v.tensor().narrow(0, first, len)?)?, 0, first)?;
+                rows.push(first, &p)?;
+                crate::memory::check_budget()?;
+            }
+            (y, self.finish_save_rows(rows)?)
+        };
         self.record_grad(OP, &[q, k, v], y, move |g, needs| {
             let g = g.into_tensor();
             // Samples `first..first + len` (all of them with `whole`): their gradients only
@@ -239,6 +273,26 @@ impl Tape {
             );
         }
         let dh = d / m.heads;
+        let params: Vec<&Value> = [m.wq, m.wk, m.wv, m.wo]
+            .into_iter()
+            .chain([m.bq, m.bk, m.bv, m.bo].into_iter().flatten())
+            .collect();
+        // Fused in batch chunks on the CPU in the usual training case: several chunks (with
+        // fewer, the composed ops, which free `x` before the scores exist, hold less), every
+        // input tracked (so the contexts are exactly the composed ops'), no analytic
+        // estimate being taken.
+        if fused_cpu_kernels()
+            && x.tensor().device().is_cpu()
+            // Composed: q, k, v and the output (4 input sizes); fused: the input, the output
+            // and a chunk of q, k, v, P and the merged heads. Less from three chunks on.
+            && super::worth_chunking(mha_chunk_rows(b, t, d, m.heads, x.dtype()), b, 3)
+            && self.is_recording()
+            && x.is_tracked()
+            && params.iter().all(|p| p.is_tracked())
+            && !self.observes_output_grads()
+        {
+            return self.mha_in_chunks(&x, m);
+        }
         let split = |tape: &mut Tape, w: &Value, bias: Option<&Value>| -> Result<Value> {
             let y = tape.linear(&x, w, bias)?;
             let y = tape.reshape(&y, &[b, t, m.heads, dh])?;
@@ -254,6 +308,181 @@ impl Tape {
         drop(o);
         let merged = self.reshape(&merged, &[b, t, d])?;
         self.linear(&merged, m.wo, m.bo)
+    }
+}
+
+/// The inputs of a multi-head attention node in order: `x, wq, [bq], wk, [bk], wv, [bv], wo,
+/// [bo]`.
+fn mha_inputs<'a>(x: &'a Value, m: &MultiHeadAttention<'a>) -> Vec<&'a Value> {
+    let mut v = vec![x];
+    for (w, b) in [(m.wq, m.bq), (m.wk, m.bk), (m.wv, m.bv), (m.wo, m.bo)] {
+        v.push(w);
+        v.extend(b);
+    }
+    v
+}
+
+/// Samples per chunk of the fused attention: a chunk's scores and P, and its q, k, v and
+/// merged heads, within [`CONTEXT_CHUNK_BYTES`](super::CONTEXT_CHUNK_BYTES).
+fn mha_chunk_rows(b: usize, t: usize, d: usize, heads: usize, dt: DType) -> usize {
+    let per_sample = (2 * heads * t * t + 4 * t * d) * dt.size_in_bytes();
+    super::chunk_rows_for(b, per_sample)
+}
+
+/// `x W^T + b` over the rows of `x` (`[rows, in]`).
+fn project(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.matmul(&w.t()?)?;
+    Ok(match b {
+        Some(b) => add_bias_rows(y, b)?,
+        None => y,
+    })
+}
+
+impl Tape {
+    /// Multi-head attention as one node run in batch chunks (see
+    /// [`Tape::multi_head_attention_owned`] for when): the projections, scores, softmax and
+    /// output of a few samples at a time, each chunk's `q`, `k`, `v`, `P` and merged heads
+    /// quantized into their contexts as they are made ([`Tape::begin_save_rows`]), and in
+    /// backward the gradient carried through the output projection, the attention and the
+    /// three input projections a chunk at a time. So neither the whole batch's `q`, `k`, `v`
+    /// (three tensors the size of `x`) nor its score-sized tensors ever exist; in backward
+    /// neither do their gradients. The contexts (slots, shapes, codes) are exactly those of
+    /// the composed ops.
+    fn mha_in_chunks(&mut self, x: &Value, m: &MultiHeadAttention) -> Result<Value> {
+        const OP: &str = "multi_head_attention";
+        let xd = x.dims();
+        let (b, t, e) = (xd[0], xd[1], xd[2]);
+        let d = m.wq.dims()[0];
+        let (h, dh) = (m.heads, d / m.heads);
+        let e_out = m.wo.dims()[0];
+        let (dt, dev) = (x.dtype(), x.tensor().device().clone());
+        let mask = Mask {
+            scale: 1.0 / (dh as f64).sqrt(),
+            causal: m.causal,
+            tq: t,
+            tk: t,
+        };
+        // The composed ops' saves, in their order: each projection saves `x` (stored once)
+        // and its weight; the attention q, k, v and P; the output projection its input.
+        let cx = self.save("linear", x, SaveAs::Activation)?;
+        let cwq = self.save("linear", m.wq, SaveAs::Activation)?;
+        self.save("linear", x, SaveAs::Activation)?;
+        let cwk = self.save("linear", m.wk, SaveAs::Activation)?;
+        self.save("linear", x, SaveAs::Activation)?;
+        let cwv = self.save("linear", m.wv, SaveAs::Activation)?;
+        let head_dims = [b, h, t, dh];
+        let mut rows: Vec<RowSave> = Vec::with_capacity(5);
+        for (op, dims) in [
+            ("sdpa", head_dims.to_vec()),
+            ("sdpa", head_dims.to_vec()),
+            ("sdpa", head_dims.to_vec()),
+            ("sdpa", vec![b, h, t, t]),
+            ("linear", vec![b, t, d]),
+        ] {
+            rows.push(self.begin_save_rows(op, &dims, dt, &dev, SaveAs::Activation)?);
+        }
+        let y = Tensor::zeros((b, t, e_out), dt, &dev)?;
+        let chunk = mha_chunk_rows(b, t, d, h, dt);
+        let bias = |v: Option<&Value>| v.map(|v| v.tensor().clone());
+        let (bq, bk, bv, bo) = (bias(m.bq), bias(m.bk), bias(m.bv), bias(m.bo));
+        for (first, len) in super::row_chunks(b, chunk) {
+            let xc = x.tensor().narrow(0, first, len)?.reshape((len * t, e))?;
+            let heads = |w: &Value, bias: Option<&Tensor>| -> Result<Tensor> {
+                let y = project(&xc, w.tensor(), bias)?;
+                Ok(y.reshape((len, t, h, dh))?.transpose(1, 2)?.contiguous()?)
+            };
+            let q = heads(m.wq, bq.as_ref())?;
+            let k = heads(m.wk, bk.as_ref())?;
+            let v = heads(m.wv, bv.as_ref())?;
+            drop(xc);
+            rows[0].push(first, &q)?;
+            rows[1].push(first, &k)?;
+            rows[2].push(first, &v)?;
+            let p = mask.softmax_owned(q.matmul(&k.t()?)?)?;
+            drop((q, k));
+            rows[3].push(first, &p)?;
+            let o = p.matmul(&v)?;
+            drop((p, v));
+            let merged = o.transpose(1, 2)?.contiguous()?.reshape((len, t, d))?;
+            drop(o);
+            rows[4].push(first, &merged)?;
+            let yc = project(&merged.reshape((len * t, d))?, m.wo.tensor(), bo.as_ref())?;
+            y.slice_set(&yc.reshape((len, t, e_out))?, 0, first)?;
+            crate::memory::check_budget()?;
+        }
+        let mut saved = Vec::with_capacity(5);
+        for r in rows {
+            saved.push(self.finish_save_rows(r)?);
+        }
+        let cwo = self.save("linear", m.wo, SaveAs::Activation)?;
+        let [cq, ck, cv, cp, cm]: [Saved; 5] = saved
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("{OP}: five contexts expected"))?;
+        let has = [
+            m.bq.is_some(),
+            m.bk.is_some(),
+            m.bv.is_some(),
+            m.bo.is_some(),
+        ];
+        let inputs = mha_inputs(x, m);
+        self.record_grad(OP, &inputs, y, move |g, _needs| {
+            let g = g.into_tensor();
+            let w = [cwq.load()?, cwk.load()?, cwv.load()?, cwo.load()?];
+            // Gradients of wq, wk, wv, wo and their biases, summed over the chunks.
+            let mut gw: [Option<Tensor>; 4] = [None, None, None, None];
+            let mut gb: [Option<Tensor>; 4] = [None, None, None, None];
+            let add = |acc: &mut Option<Tensor>, part: Tensor| -> Result<()> {
+                *acc = Some(match acc.take() {
+                    None => part,
+                    Some(a) => (a + part)?,
+                });
+                Ok(())
+            };
+            let gx = Tensor::zeros((b * t, e), dt, &dev)?;
+            for (first, len) in super::row_chunks(b, chunk) {
+                let n = len * t;
+                let gc = g.narrow(0, first, len)?.reshape((n, e_out))?;
+                let merged = cm.load_rows(first, len)?.reshape((n, d))?;
+                add(&mut gw[3], gc.t()?.matmul(&merged)?)?;
+                drop(merged);
+                add(&mut gb[3], gc.sum(0)?)?;
+                let go = gc
+                    .matmul(&w[3])?
+                    .reshape((len, t, h, dh))?
+                    .transpose(1, 2)?
+                    .contiguous()?;
+                drop(gc);
+                // The attention backward of the chunk, as in `scaled_dot_product_attention`.
+                let dp = go.matmul(&cv.load_rows(first, len)?.t()?)?;
+                let p = cp.load_rows(first, len)?;
+                let gv = p.t()?.matmul(&go)?;
+                drop(go);
+                let ds = mask.softmax_backward_owned(&p, dp)?;
+                drop(p);
+                let gq = ds.matmul(&ck.load_rows(first, len)?)?;
+                let gk = ds.t()?.matmul(&cq.load_rows(first, len)?)?;
+                drop(ds);
+                let xc = cx.load_rows(first, len)?.reshape((n, e))?;
+                let mut gxc: Option<Tensor> = None;
+                for (i, gh) in [gq, gk, gv].into_iter().enumerate() {
+                    let gh = gh.transpose(1, 2)?.contiguous()?.reshape((n, d))?;
+                    add(&mut gw[i], gh.t()?.matmul(&xc)?)?;
+                    add(&mut gb[i], gh.sum(0)?)?;
+                    add(&mut gxc, gh.matmul(&w[i])?)?;
+                }
+                if let Some(gxc) = gxc {
+                    gx.slice_set(&gxc, 0, first * t)?;
+                }
+            }
+            let mut out = vec![Some(Grad::owned(gx.reshape((b, t, e))?))];
+            for i in 0..4 {
+                out.push(gw[i].take().map(Grad::owned));
+                if has[i] {
+                    out.push(gb[i].take().map(Grad::owned));
+                }
+            }
+            Ok(out)
+        })
     }
 }
 

@@ -11,6 +11,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod linear;
 pub mod loss;
+pub mod mlp;
 pub mod norm;
 pub mod pool;
 pub mod shape;
@@ -41,6 +42,13 @@ pub fn set_context_chunk_bytes(bytes: Option<usize>) {
 /// least 1, at most `rows`.
 pub(crate) fn chunk_rows_for(rows: usize, row_bytes: usize) -> usize {
     (context_chunk_bytes() / row_bytes.max(1)).clamp(1, rows.max(1))
+}
+
+/// Whether a fused op that keeps its input and output whole and runs the rest in chunks of
+/// `chunk` of `rows` rows holds less than the composed ops, which free each tensor as they
+/// go: true from `min_chunks` chunks on (the op's own break-even, from the sizes it holds).
+pub(crate) fn worth_chunking(chunk: usize, rows: usize, min_chunks: usize) -> bool {
+    chunk.saturating_mul(min_chunks) <= rows
 }
 
 /// `(first, len)` of consecutive chunks of at most `chunk` rows covering `0..rows`.

@@ -1040,7 +1040,6 @@ impl Tape {
         drop((mean, rstd));
         let (has_gamma, has_beta) = (gamma.is_some(), beta.is_some());
         self.record_grad(op, &inputs, y, move |g, needs| {
-            let g = g.into_tensor();
             let ig = if has_gamma { Some(1) } else { None };
             let ib = if has_beta {
                 Some(1 + has_gamma as usize)
@@ -1052,40 +1051,107 @@ impl Tape {
                 ig.is_some_and(|i| needs[i]),
                 ib.is_some_and(|i| needs[i]),
             ];
-            let xs = match &cx {
-                Some((cx, cm, cr)) => {
+            let gamma = cg.as_ref().map(|cg| cg.load()).transpose()?;
+            let g_owned = g.is_owned();
+            let g2 = g.into_tensor().reshape((rows, d))?;
+            let stats = match &cx {
+                Some((_, cm, cr)) => {
                     let r = cr.load()?;
                     let m = match cm {
                         Some(cm) => cm.load()?,
                         None => r.zeros_like()?,
                     };
-                    Some((cx.load()?.reshape((rows, d))?, m, r))
+                    Some((m, r))
                 }
                 None => None,
             };
-            let gamma = cg.as_ref().map(|cg| cg.load()).transpose()?;
-            let g2 = g.reshape((rows, d))?;
-            let xs_ref = xs.as_ref().map(|(a, b, c)| (a, b, c));
-            let mut ts = vec![&g2];
-            if let Some((a, b, c)) = xs_ref {
-                ts.extend([a, b, c]);
-            }
-            ts.extend(gamma.as_ref());
-            let (gx, gg, gb) = if use_kernel(&ts) {
-                by_dtype!(
-                    g2.dtype(),
-                    row_backward_kernel,
-                    &g2,
-                    xs_ref,
-                    gamma.as_ref(),
-                    d,
-                    center,
-                    want
-                )?
-            } else {
-                row_backward_generic(&g2, xs_ref, gamma.as_ref(), d, center, want)?
+            // Rows `first..first + n` of the gradients, from the same rows of `g`, of the saved
+            // input and of its statistics.
+            let rows_grads = |x: Option<Tensor>, first: usize, n: usize| -> Result<Grads3> {
+                let g2 = if n == rows {
+                    g2.clone()
+                } else {
+                    g2.narrow(0, first, n)?
+                };
+                let st = match &stats {
+                    Some((m, r)) if n == rows => Some((m.clone(), r.clone())),
+                    Some((m, r)) => Some((m.narrow(0, first, n)?, r.narrow(0, first, n)?)),
+                    None => None,
+                };
+                let xs = match (&x, &st) {
+                    (Some(x), Some((m, r))) => Some((x, m, r)),
+                    _ => None,
+                };
+                let mut ts = vec![&g2];
+                if let Some((a, b, c)) = xs {
+                    ts.extend([a, b, c]);
+                }
+                ts.extend(gamma.as_ref());
+                if use_kernel(&ts) {
+                    by_dtype!(
+                        g2.dtype(),
+                        row_backward_kernel,
+                        &g2,
+                        xs,
+                        gamma.as_ref(),
+                        d,
+                        center,
+                        want
+                    )
+                } else {
+                    row_backward_generic(&g2, xs, gamma.as_ref(), d, center, want)
+                }
             };
-            // Every gradient is a new tensor (kernel output or candle-op result): owned.
+            // A compressed input is read a chunk of samples at a time, and the input gradient
+            // goes into the rows of an owned output gradient as each chunk is done: no whole
+            // unpacked input, and no input-sized buffer beside the gradient.
+            let samples = cx.as_ref().map_or(1, |(c, _, _)| c.rows());
+            // CPU only for now: the GPU path (candle ops per chunk, `slice_set` into the
+            // gradient) is not yet checked on a card.
+            let chunked = g2.device().is_cpu()
+                && cx.as_ref().is_some_and(|(c, _, _)| {
+                    !c.stored_as_is() && c.loads_rows_cheaply() && samples > 1
+                })
+                && rows.is_multiple_of(samples)
+                && rows * d * g2.dtype().size_in_bytes() > super::context_chunk_bytes();
+            let (gx, gg, gb) = if !chunked {
+                let x = match &cx {
+                    Some((c, _, _)) => Some(c.load()?.reshape((rows, d))?),
+                    None => None,
+                };
+                rows_grads(x, 0, rows)?
+            } else {
+                let Some((c, _, _)) = &cx else {
+                    bail!("{op}: chunked backward without a saved input");
+                };
+                let per = rows / samples;
+                let chunk = super::chunk_rows_for(samples, per * d * g2.dtype().size_in_bytes());
+                let gx = match (want[0], g_owned) {
+                    (false, _) => None,
+                    (true, true) => Some(g2.clone()),
+                    (true, false) => Some(Tensor::zeros((rows, d), g2.dtype(), g2.device())?),
+                };
+                let (mut gg, mut gb): (Option<Tensor>, Option<Tensor>) = (None, None);
+                for (first, len) in super::row_chunks(samples, chunk) {
+                    let x = c.load_rows(first, len)?.reshape((len * per, d))?;
+                    let (gxc, ggc, gbc) = rows_grads(Some(x), first * per, len * per)?;
+                    if let (Some(dst), Some(part)) = (&gx, gxc) {
+                        // Rows already read: overwriting them in `g` is safe.
+                        dst.slice_set(&part, 0, first * per)?;
+                    }
+                    for (acc, part) in [(&mut gg, ggc), (&mut gb, gbc)] {
+                        if let Some(part) = part {
+                            *acc = Some(match acc.take() {
+                                None => part,
+                                Some(a) => (a + part)?,
+                            });
+                        }
+                    }
+                }
+                (gx, gg, gb)
+            };
+            drop(g2);
+            // Every gradient is a new tensor or the owned output gradient itself: owned.
             let mut grads: Vec<Option<Grad>> = vec![gx
                 .map(|t| t.reshape(dims.as_slice()))
                 .transpose()?

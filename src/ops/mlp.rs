@@ -1,0 +1,295 @@
+//! The transformer MLP, `linear → GELU → linear`, as one node that runs in batch chunks.
+//!
+//! Composed from its three ops, the MLP holds a hidden tensor four times the width of the
+//! residual stream twice over: the GELU output in forward (until the second linear has read
+//! it) and its gradient in backward. At L1–L4 that fp32 temporary is larger than every
+//! compressed context of the model together, so it, not the context, sets the peak. Fused,
+//! forward computes a chunk of samples at a time and quantizes the chunk's hidden tensors
+//! into their contexts as it goes ([`Tape::begin_save_rows`]); backward reads the contexts a
+//! chunk at a time and carries the chunk's gradient through both layers, so the hidden width
+//! only ever exists for one chunk.
+//!
+//! The contexts, their slots and their codes are exactly those of the composed ops (`x` and
+//! `w1` for the first linear, the GELU input `h`, the second linear's input `a = gelu(h)` and
+//! `w2`), so profiles, the bit allocator and the rounding noise see no difference; gradients
+//! differ from the composed ops only in the order the chunks' weight gradients are summed.
+
+use super::activation::{
+    add_bias_rows, fused_cpu_kernels, gelu_grad_owned, gelu_owned, GeluApprox,
+};
+use super::{chunk_rows_for, row_chunks};
+use crate::tape::{Grad, SaveAs, Saved, Tape, Value};
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+
+/// The parameters of one MLP, by reference: `w1: [hidden, in]`, `w2: [out, hidden]`.
+#[derive(Clone, Copy)]
+pub struct Mlp<'a> {
+    pub w1: &'a Value,
+    pub b1: Option<&'a Value>,
+    pub w2: &'a Value,
+    pub b2: Option<&'a Value>,
+    pub approx: GeluApprox,
+}
+
+/// Adds `part` into the running sum `acc`.
+fn accumulate(acc: &mut Option<Tensor>, part: Tensor) -> Result<()> {
+    *acc = Some(match acc.take() {
+        None => part,
+        Some(a) => (a + part)?,
+    });
+    Ok(())
+}
+
+impl Tape {
+    /// `linear(gelu(linear(x, w1, b1)), w2, b2)` over `x: [B, .., in]`, in batch chunks on
+    /// the CPU when the hidden tensor spans several chunks (see the module doc);
+    /// otherwise, elsewhere, and while an analytic sensitivity estimate is gathered, the
+    /// three ops one after another.
+    pub fn mlp(&mut self, x: &Value, m: &Mlp) -> Result<Value> {
+        self.mlp_owned(x.clone(), m)
+    }
+
+    /// [`Tape::mlp`] of an `x` handed over by the caller: on the composed path it is dropped
+    /// once the first layer has read it, so (when the caller held the only handle) it is
+    /// freed before the second layer's output exists.
+    pub fn mlp_owned(&mut self, x: Value, m: &Mlp) -> Result<Value> {
+        const OP: &str = "mlp";
+        let (hidden, in_f) = m.w1.tensor().dims2()?;
+        let (out_f, hidden2) = m.w2.tensor().dims2()?;
+        let dims = x.dims().to_vec();
+        if hidden2 != hidden {
+            bail!(
+                "{OP}: w2 {:?} does not read the {hidden} outputs of w1 {:?}",
+                m.w2.dims(),
+                m.w1.dims()
+            );
+        }
+        if dims.len() < 2 || dims.last() != Some(&in_f) {
+            bail!("{OP}: input {dims:?} is not [batch, .., {in_f}] (w1 is [{hidden}, {in_f}])");
+        }
+        let b = dims[0];
+        let per: usize = dims[1..dims.len() - 1].iter().product();
+        let (dt, dev) = (x.dtype(), x.tensor().device().clone());
+        let chunk = chunk_rows_for(b, per * hidden * dt.size_in_bytes());
+        // The composed ops save `h` only when something below the GELU is tracked.
+        let below_tracked =
+            self.needs_grad(&[&x, m.w1]) || m.b1.is_some_and(|b| self.needs_grad(&[b]));
+        let fused = fused_cpu_kernels()
+            && dev.is_cpu()
+            // Composed, the MLP holds its input and the 4x-wide hidden tensor (5 input sizes),
+            // fused its input, its output and a chunk of 5: less from two chunks on.
+            && super::worth_chunking(chunk, b, 2)
+            && below_tracked
+            && !self.observes_output_grads();
+        if !fused {
+            let h = self.linear_gelu(&x, m.w1, m.b1, m.approx)?;
+            drop(x);
+            return self.linear(&h, m.w2, m.b2);
+        }
+        let x = &x;
+        let mut inputs = vec![x, m.w1];
+        inputs.extend(m.b1);
+        inputs.push(m.w2);
+        inputs.extend(m.b2);
+        let hid_dims: Vec<usize> = dims[..dims.len() - 1]
+            .iter()
+            .copied()
+            .chain([hidden])
+            .collect();
+        let mut out_dims = dims.clone();
+        *out_dims.last_mut().expect("rank >= 2") = out_f;
+
+        // The saves of the composed ops, in their order: linear (x, w1), gelu (h), linear
+        // (a, w2). `h` is always saved: it is tracked whenever the node is.
+        let cx = if m.w1.is_tracked() {
+            Some(self.save("linear", x, SaveAs::Activation)?)
+        } else {
+            None
+        };
+        let cw1 = if x.is_tracked() {
+            Some(self.save("linear", m.w1, SaveAs::Activation)?)
+        } else {
+            None
+        };
+        let mut h_rows = self.begin_save_rows("gelu", &hid_dims, dt, &dev, SaveAs::Activation)?;
+        let mut a_rows = if m.w2.is_tracked() {
+            Some(self.begin_save_rows("linear", &hid_dims, dt, &dev, SaveAs::Activation)?)
+        } else {
+            None
+        };
+        let y = Tensor::zeros(out_dims.as_slice(), dt, &dev)?;
+        let (w1t, w2t) = (m.w1.tensor().t()?, m.w2.tensor().t()?);
+        for (first, len) in row_chunks(b, chunk) {
+            let rows = len * per;
+            let xc = x.tensor().narrow(0, first, len)?.reshape((rows, in_f))?;
+            let mut h = xc.matmul(&w1t)?;
+            drop(xc);
+            if let Some(b1) = m.b1 {
+                h = add_bias_rows(h, b1.tensor())?;
+            }
+            let mut chunk_dims = hid_dims.clone();
+            chunk_dims[0] = len;
+            let h = h.reshape(chunk_dims.as_slice())?;
+            h_rows.push(first, &h)?;
+            // The chunk's h is in its context now: GELU overwrites it.
+            let a = gelu_owned(h, m.approx)?;
+            if let Some(rows_a) = a_rows.as_mut() {
+                rows_a.push(first, &a)?;
+            }
+            let mut yc = a.reshape((rows, hidden))?.matmul(&w2t)?;
+            drop(a);
+            if let Some(b2) = m.b2 {
+                yc = add_bias_rows(yc, b2.tensor())?;
+            }
+            let mut y_dims = out_dims.clone();
+            y_dims[0] = len;
+            y.slice_set(&yc.reshape(y_dims)?, 0, first)?;
+            crate::memory::check_budget()?;
+        }
+        let ch = self.finish_save_rows(h_rows)?;
+        let ca = match a_rows {
+            Some(r) => Some(self.finish_save_rows(r)?),
+            None => None,
+        };
+        let cw2 = Some(self.save("linear", m.w2, SaveAs::Activation)?);
+        let (has_b1, has_b2, approx) = (m.b1.is_some(), m.b2.is_some(), m.approx);
+        let x_shape = x.shape().clone();
+        self.record_grad(OP, &inputs, y, move |g, needs| {
+            let ctx = Contexts {
+                x: cx,
+                w1: cw1,
+                h: ch,
+                a: ca,
+                w2: cw2,
+            };
+            let want = Wanted::from_needs(needs, has_b1, has_b2);
+            let g2 = g.into_tensor().reshape((b * per, out_f))?;
+            let sizes = Sizes {
+                b,
+                per,
+                in_f,
+                hidden,
+            };
+            let mut grads = mlp_backward(&ctx, &g2, &want, &sizes, approx)?;
+            if let Some(gx) = grads[0].take() {
+                grads[0] = Some(gx.reshape(&x_shape)?);
+            }
+            let mut out = vec![grads[0].take(), grads[1].take()];
+            if has_b1 {
+                out.push(grads[2].take());
+            }
+            out.push(grads[3].take());
+            if has_b2 {
+                out.push(grads[4].take());
+            }
+            // Every gradient is a new tensor (a matmul result or a buffer filled by chunks).
+            Ok(out.into_iter().map(|t| t.map(Grad::owned)).collect())
+        })
+    }
+}
+
+/// What the MLP saved (see [`Tape::mlp`]).
+struct Contexts {
+    x: Option<Saved>,
+    w1: Option<Saved>,
+    h: Saved,
+    a: Option<Saved>,
+    w2: Option<Saved>,
+}
+
+/// Which gradients are wanted: x, w1, b1, w2, b2.
+struct Wanted([bool; 5]);
+
+impl Wanted {
+    /// From the node's `needs`, in input order `x, w1, [b1], w2, [b2]`.
+    fn from_needs(needs: &[bool], has_b1: bool, has_b2: bool) -> Self {
+        let mut it = needs.iter().copied();
+        let mut next = || it.next().unwrap_or(false);
+        let x = next();
+        let w1 = next();
+        let b1 = has_b1 && next();
+        let w2 = next();
+        let b2 = has_b2 && next();
+        Wanted([x, w1, b1, w2, b2])
+    }
+    /// Whether anything below the GELU is wanted (then the hidden gradient is computed).
+    fn below(&self) -> bool {
+        self.0[0] || self.0[1] || self.0[2]
+    }
+}
+
+struct Sizes {
+    b: usize,
+    per: usize,
+    in_f: usize,
+    hidden: usize,
+}
+
+/// The gradients `[x, w1, b1, w2, b2]` (each where wanted), chunk by chunk over the batch.
+fn mlp_backward(
+    c: &Contexts,
+    g2: &Tensor,
+    want: &Wanted,
+    s: &Sizes,
+    approx: GeluApprox,
+) -> Result<[Option<Tensor>; 5]> {
+    let [_, _, _, w_w2, w_b2] = want.0;
+    let (dt, dev) = (g2.dtype(), g2.device().clone());
+    let gx = if want.0[0] {
+        Some(Tensor::zeros((s.b * s.per, s.in_f), dt, &dev)?)
+    } else {
+        None
+    };
+    let (mut gw1, mut gb1, mut gw2, mut gb2) = (None, None, None, None);
+    let w1 = match &c.w1 {
+        Some(w) => Some(w.load()?),
+        None => None,
+    };
+    let w2 = match &c.w2 {
+        Some(w) => Some(w.load()?),
+        None => None,
+    };
+    let chunk = chunk_rows_for(s.b, s.per * s.hidden * dt.size_in_bytes());
+    for (first, len) in row_chunks(s.b, chunk) {
+        let rows = len * s.per;
+        let gc = g2.narrow(0, first * s.per, rows)?;
+        if w_w2 {
+            let Some(ca) = &c.a else {
+                bail!("mlp: the second linear's input was not saved");
+            };
+            let a = ca.load_rows(first, len)?.reshape((rows, s.hidden))?;
+            accumulate(&mut gw2, gc.t()?.matmul(&a)?)?;
+        }
+        if w_b2 {
+            accumulate(&mut gb2, gc.sum(0)?)?;
+        }
+        if !want.below() {
+            continue;
+        }
+        let Some(w2) = &w2 else {
+            bail!("mlp: w2 was not saved but the hidden gradient is wanted");
+        };
+        let ga = gc.matmul(w2)?;
+        let h = c.h.load_rows(first, len)?.reshape((rows, s.hidden))?;
+        let gh = gelu_grad_owned(&h, ga, approx)?;
+        drop(h);
+        if want.0[1] {
+            let Some(cx) = &c.x else {
+                bail!("mlp: the first linear's input was not saved");
+            };
+            let x = cx.load_rows(first, len)?.reshape((rows, s.in_f))?;
+            accumulate(&mut gw1, gh.t()?.matmul(&x)?)?;
+        }
+        if want.0[2] {
+            accumulate(&mut gb1, gh.sum(0)?)?;
+        }
+        if let Some(gx) = &gx {
+            let Some(w1) = &w1 else {
+                bail!("mlp: w1 was not saved but the input gradient is wanted");
+            };
+            gx.slice_set(&gh.matmul(w1)?, 0, first * s.per)?;
+        }
+    }
+    Ok([gx, gw1, gb1, gw2, gb2])
+}
