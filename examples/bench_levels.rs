@@ -2,6 +2,7 @@
 //! so they share the machine's state. Reports the median and the ratio to L0.
 //!
 //! `cargo run --release --example bench_levels [-- --model resnet18-cifar --batch 32 --reps 5]`
+//! (a language model: `-- --model gpt-char --shape 64 --vocab 65`)
 
 use actrain::compress::policy::{CompressConfig, CompressPolicy, Level};
 use actrain::model::{load_def, random_batch, InputSpec, Model};
@@ -27,11 +28,17 @@ fn main() -> Result<()> {
         .split('x')
         .map(|s| s.parse())
         .collect::<Result<_, _>>()?;
+    // `--vocab N`: token ids below N in a sequence of `--shape` (e.g. `--shape 64 --vocab 65`
+    // for gpt-char), predicted per position.
+    let vocab: Option<usize> = match arg("--vocab", "") {
+        v if v.is_empty() => None,
+        v => Some(v.parse()?),
+    };
     let spec = InputSpec {
         sample_shape: shape,
-        tokens: false,
-        vocab: None,
-        num_outputs: 10,
+        tokens: vocab.is_some(),
+        vocab,
+        num_outputs: vocab.unwrap_or(10),
         graph: false,
     };
     let def = load_def(&model_name)?;

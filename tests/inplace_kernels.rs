@@ -453,6 +453,49 @@ fn mlp_is_linear_gelu_linear_in_batch_chunks() {
     }
 }
 
+/// The residual sums of a pre-norm transformer block fused into the attention and the MLP
+/// (`multi_head_attention_residual`, `mlp_residual`: each chunk's output added into the
+/// residual stream's buffer, which at L3 only a compressed context needs): the same output and
+/// gradients as the composed ops and a separate add, at L3 (in place) and L0 (where the norm
+/// keeps the residual as it is, so the sum is a separate op).
+#[test]
+fn residual_sums_fused_into_attention_and_mlp_match_the_composed_ops() {
+    let inputs = [
+        rand32(&[4, 6, 8], 70, 1.0),
+        rand32(&[8, 8], 71, 0.5),
+        rand32(&[8, 8], 72, 0.5),
+        rand32(&[8, 8], 73, 0.5),
+        rand32(&[8, 8], 74, 0.5),
+        rand32(&[16, 8], 75, 0.5),
+        rand32(&[16], 76, 0.5),
+        rand32(&[8, 16], 77, 0.5),
+        rand32(&[8], 78, 0.5),
+    ];
+    check(
+        "pre-norm block: attention and MLP residual sums",
+        &inputs,
+        |t, v| {
+            let x = t.scale(&v[0], 1.0)?;
+            let n1 = t.layer_norm(&x, None, None, 1e-5)?;
+            let attn = MultiHeadAttention {
+                heads: 2,
+                causal: true,
+                ..MultiHeadAttention::new(&v[1], &v[2], &v[3], &v[4], 2)
+            };
+            let x1 = t.multi_head_attention_residual(n1, &attn, x)?;
+            let n2 = t.layer_norm(&x1, None, None, 1e-5)?;
+            let mlp = Mlp {
+                w1: &v[5],
+                b1: Some(&v[6]),
+                w2: &v[7],
+                b2: Some(&v[8]),
+                approx: GeluApprox::Tanh,
+            };
+            t.mlp_residual(n2, &mlp, x1)
+        },
+    );
+}
+
 /// `(slot, op, repr, shape, stored bytes)` of every context `f` saves at `level`, in slot order.
 fn context_summary(
     level: Level,

@@ -680,6 +680,8 @@ fn batch_norm(
     Ok(y)
 }
 
+/// Multi-head attention over `x` with the layer's parameters `p`, plus `residual` when given
+/// (added in place where it may be: [`Tape::multi_head_attention_residual`]).
 fn mha(
     tape: &mut Tape,
     store: &ParamStore,
@@ -687,6 +689,7 @@ fn mha(
     p: &[ParamId],
     heads: usize,
     causal: bool,
+    residual: Option<Value>,
 ) -> Result<Value> {
     let v: Vec<Value> = p.iter().map(|&id| tape.param(store, id)).collect();
     let m = MultiHeadAttention {
@@ -701,7 +704,10 @@ fn mha(
         heads,
         causal,
     };
-    tape.multi_head_attention_owned(x, &m)
+    match residual {
+        Some(r) => tape.multi_head_attention_residual(x, &m, r),
+        None => tape.multi_head_attention_owned(x, &m),
+    }
 }
 
 /// Runs one layer. `ins` are owned: a layer frees each intermediate (and an input it was
@@ -800,7 +806,9 @@ fn run_layer(
             tape.transpose(&h, 1, 2)?
         }
         LayerOp::MeanTokens => tape.mean(x, &[1], false)?,
-        LayerOp::Attention { heads, causal } => mha(tape, store, x.clone(), p, *heads, *causal)?,
+        LayerOp::Attention { heads, causal } => {
+            mha(tape, store, x.clone(), p, *heads, *causal, None)?
+        }
         LayerOp::TransformerBlock {
             heads,
             causal,
@@ -811,14 +819,20 @@ fn run_layer(
             let (g1, b1) = (param(tape, store, 0), param(tape, store, 1));
             let n1 = tape.layer_norm(&x, g1.as_ref(), b1.as_ref(), 1e-5)?;
             // Each intermediate is handed over or dropped once read: the attention frees the
-            // normalised input before its scores exist, and the residual sums take the
-            // branch output's buffer (at L1-L4, see `Tape::add_owned`).
-            let a = {
-                let a = mha(tape, store, n1, &p[2..10], *heads, *causal)?;
-                tape.dropout(&a, *dropout)?
+            // normalised input before its scores exist, and the residual sums go into the
+            // residual stream's buffer (without dropout, see `Tape::mlp_residual`) or take
+            // the branch output's (at L1-L4, see `Tape::add_owned`).
+            let x1 = if *dropout == 0.0 {
+                mha(tape, store, n1, &p[2..10], *heads, *causal, Some(x))?
+            } else {
+                let a = {
+                    let a = mha(tape, store, n1, &p[2..10], *heads, *causal, None)?;
+                    tape.dropout(&a, *dropout)?
+                };
+                let x1 = tape.add_owned(a, &x)?;
+                drop(x);
+                x1
             };
-            let x1 = tape.add_owned(a, &x)?;
-            drop(x);
             let (g2, b2) = (param(tape, store, 10), param(tape, store, 11));
             let n2 = tape.layer_norm(&x1, g2.as_ref(), b2.as_ref(), 1e-5)?;
             let (w1, c1) = (param(tape, store, 12).expect("fc1"), param(tape, store, 13));
@@ -830,11 +844,15 @@ fn run_layer(
                 b2: c2.as_ref(),
                 approx: crate::ops::activation::GeluApprox::Tanh,
             };
-            let h3 = {
-                let h3 = tape.mlp_owned(n2, &mlp)?;
-                tape.dropout(&h3, *dropout)?
-            };
-            tape.add_owned(h3, &x1)?
+            if *dropout == 0.0 {
+                tape.mlp_residual(n2, &mlp, x1)?
+            } else {
+                let h3 = {
+                    let h3 = tape.mlp_owned(n2, &mlp)?;
+                    tape.dropout(&h3, *dropout)?
+                };
+                tape.add_owned(h3, &x1)?
+            }
         }
         LayerOp::ResidualBlock {
             stride, bottleneck, ..

@@ -6,7 +6,7 @@
 //! scale, causal mask and softmax run as one rayon kernel over rows, and so does the softmax
 //! backward; elsewhere (CUDA, half types) the same maths runs as candle ops.
 
-use super::activation::{add_bias_rows, fused_cpu_kernels};
+use super::activation::{add_bias_rows, add_in_place, fused_cpu_kernels};
 use crate::tape::{Grad, RowSave, SaveAs, Saved, Tape, Value};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Storage, Tensor, WithDType, D};
@@ -246,6 +246,28 @@ impl Tape {
         x: Value,
         m: &MultiHeadAttention,
     ) -> Result<Value> {
+        self.mha_with(x, m, None)
+    }
+
+    /// `residual + multi_head_attention(x)` (a transformer block's first residual sum), both
+    /// handed over. In batch chunks, each chunk's output is added straight into `residual`'s
+    /// buffer where nothing else needs it as it is (at L1–L4 the layer norm that read it
+    /// keeps a compressed copy), so the attention output never exists whole beside it.
+    pub fn multi_head_attention_residual(
+        &mut self,
+        x: Value,
+        m: &MultiHeadAttention,
+        residual: Value,
+    ) -> Result<Value> {
+        self.mha_with(x, m, Some(residual))
+    }
+
+    fn mha_with(
+        &mut self,
+        x: Value,
+        m: &MultiHeadAttention,
+        residual: Option<Value>,
+    ) -> Result<Value> {
         const OP: &str = "multi_head_attention";
         let xd = x.dims();
         if x.rank() != 3 {
@@ -291,7 +313,23 @@ impl Tape {
             && params.iter().all(|p| p.is_tracked())
             && !self.observes_output_grads()
         {
-            return self.mha_in_chunks(&x, m);
+            let e_out = m.wo.dims().first().copied().unwrap_or(0);
+            // The residual's buffer takes the sum where it may be overwritten; otherwise the
+            // output is a new tensor and the sum a separate op.
+            return match residual {
+                Some(r)
+                    if r.dims() == [b, t, e_out]
+                        && r.dtype() == x.dtype()
+                        && self.may_overwrite(&r, None) =>
+                {
+                    self.mha_in_chunks(&x, m, Some(r))
+                }
+                Some(r) => {
+                    let y = self.mha_in_chunks(&x, m, None)?;
+                    self.add_owned(y, &r)
+                }
+                None => self.mha_in_chunks(&x, m, None),
+            };
         }
         let split = |tape: &mut Tape, w: &Value, bias: Option<&Value>| -> Result<Value> {
             let y = tape.linear(&x, w, bias)?;
@@ -307,7 +345,12 @@ impl Tape {
         let merged = self.transpose(&o, 1, 2)?;
         drop(o);
         let merged = self.reshape(&merged, &[b, t, d])?;
-        self.linear(&merged, m.wo, m.bo)
+        let y = self.linear(&merged, m.wo, m.bo)?;
+        drop(merged);
+        match residual {
+            Some(r) => self.add_owned(y, &r),
+            None => Ok(y),
+        }
     }
 }
 
@@ -348,7 +391,12 @@ impl Tape {
     /// (three tensors the size of `x`) nor its score-sized tensors ever exist; in backward
     /// neither do their gradients. The contexts (slots, shapes, codes) are exactly those of
     /// the composed ops.
-    fn mha_in_chunks(&mut self, x: &Value, m: &MultiHeadAttention) -> Result<Value> {
+    fn mha_in_chunks(
+        &mut self,
+        x: &Value,
+        m: &MultiHeadAttention,
+        residual: Option<Value>,
+    ) -> Result<Value> {
         const OP: &str = "multi_head_attention";
         let xd = x.dims();
         let (b, t, e) = (xd[0], xd[1], xd[2]);
@@ -381,7 +429,10 @@ impl Tape {
         ] {
             rows.push(self.begin_save_rows(op, &dims, dt, &dev, SaveAs::Activation)?);
         }
-        let y = Tensor::zeros((b, t, e_out), dt, &dev)?;
+        let y = match &residual {
+            Some(r) => r.tensor().clone(),
+            None => Tensor::zeros((b, t, e_out), dt, &dev)?,
+        };
         let chunk = mha_chunk_rows(b, t, d, h, dt);
         let bias = |v: Option<&Value>| v.map(|v| v.tensor().clone());
         let (bq, bk, bv, bo) = (bias(m.bq), bias(m.bk), bias(m.bv), bias(m.bo));
@@ -407,7 +458,14 @@ impl Tape {
             drop(o);
             rows[4].push(first, &merged)?;
             let yc = project(&merged.reshape((len * t, d))?, m.wo.tensor(), bo.as_ref())?;
-            y.slice_set(&yc.reshape((len, t, e_out))?, 0, first)?;
+            let yc = yc.reshape((len, t, e_out))?;
+            if residual.is_some() {
+                if !add_in_place(&y.narrow(0, first, len)?, &yc)? {
+                    bail!("{OP}: the residual stream could not be added to in place");
+                }
+            } else {
+                y.slice_set(&yc, 0, first)?;
+            }
             crate::memory::check_budget()?;
         }
         let mut saved = Vec::with_capacity(5);
@@ -424,8 +482,13 @@ impl Tape {
             m.bv.is_some(),
             m.bo.is_some(),
         ];
-        let inputs = mha_inputs(x, m);
+        let mut inputs: Vec<&Value> = residual.iter().collect();
+        inputs.extend(mha_inputs(x, m));
+        let with_residual = residual.is_some();
         self.record_grad(OP, &inputs, y, move |g, _needs| {
+            // The residual's gradient is the output gradient itself, handed on (with its
+            // ownership) once the chunks below have read it.
+            let g_owned = g.is_owned();
             let g = g.into_tensor();
             let w = [cwq.load()?, cwk.load()?, cwv.load()?, cwo.load()?];
             // Gradients of wq, wk, wv, wo and their biases, summed over the chunks.
@@ -474,7 +537,15 @@ impl Tape {
                     gx.slice_set(&gxc, 0, first * t)?;
                 }
             }
-            let mut out = vec![Some(Grad::owned(gx.reshape((b, t, e))?))];
+            let mut out = Vec::with_capacity(10);
+            if with_residual {
+                out.push(Some(if g_owned {
+                    Grad::owned(g)
+                } else {
+                    Grad::shared(g)
+                }));
+            }
+            out.push(Some(Grad::owned(gx.reshape((b, t, e))?)));
             for i in 0..4 {
                 out.push(gw[i].take().map(Grad::owned));
                 if has[i] {

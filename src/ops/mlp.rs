@@ -15,7 +15,7 @@
 //! differ from the composed ops only in the order the chunks' weight gradients are summed.
 
 use super::activation::{
-    add_bias_rows, fused_cpu_kernels, gelu_grad_owned, gelu_owned, GeluApprox,
+    add_bias_rows, add_in_place, fused_cpu_kernels, gelu_grad_owned, gelu_owned, GeluApprox,
 };
 use super::{chunk_rows_for, row_chunks};
 use crate::tape::{Grad, SaveAs, Saved, Tape, Value};
@@ -54,6 +54,18 @@ impl Tape {
     /// once the first layer has read it, so (when the caller held the only handle) it is
     /// freed before the second layer's output exists.
     pub fn mlp_owned(&mut self, x: Value, m: &Mlp) -> Result<Value> {
+        self.mlp_with(x, m, None)
+    }
+
+    /// `residual + mlp(x)` (a transformer block's second residual sum), both handed over.
+    /// Fused, the chunks' outputs are added straight into `residual`'s buffer where nothing
+    /// else needs it as it is (at L1–L4 the layer norm that read it keeps a compressed copy),
+    /// so the MLP's output never exists whole beside the residual stream.
+    pub fn mlp_residual(&mut self, x: Value, m: &Mlp, residual: Value) -> Result<Value> {
+        self.mlp_with(x, m, Some(residual))
+    }
+
+    fn mlp_with(&mut self, x: Value, m: &Mlp, residual: Option<Value>) -> Result<Value> {
         const OP: &str = "mlp";
         let (hidden, in_f) = m.w1.tensor().dims2()?;
         let (out_f, hidden2) = m.w2.tensor().dims2()?;
@@ -82,13 +94,33 @@ impl Tape {
             && super::worth_chunking(chunk, b, 2)
             && below_tracked
             && !self.observes_output_grads();
+        let mut out_dims = dims.clone();
+        *out_dims.last_mut().expect("rank >= 2") = out_f;
         if !fused {
             let h = self.linear_gelu(&x, m.w1, m.b1, m.approx)?;
             drop(x);
-            return self.linear(&h, m.w2, m.b2);
+            let y = self.linear(&h, m.w2, m.b2)?;
+            drop(h);
+            return match residual {
+                Some(r) => self.add_owned(y, &r),
+                None => Ok(y),
+            };
         }
+        // The residual's buffer takes the sum where it may be overwritten; otherwise the
+        // output is a new tensor and the sum a separate op.
+        let (residual, add_after) = match residual {
+            Some(r)
+                if r.dims() == out_dims.as_slice()
+                    && r.dtype() == dt
+                    && self.may_overwrite(&r, None) =>
+            {
+                (Some(r), None)
+            }
+            other => (None, other),
+        };
         let x = &x;
-        let mut inputs = vec![x, m.w1];
+        let mut inputs: Vec<&Value> = residual.iter().collect();
+        inputs.extend([x, m.w1]);
         inputs.extend(m.b1);
         inputs.push(m.w2);
         inputs.extend(m.b2);
@@ -97,8 +129,6 @@ impl Tape {
             .copied()
             .chain([hidden])
             .collect();
-        let mut out_dims = dims.clone();
-        *out_dims.last_mut().expect("rank >= 2") = out_f;
 
         // The saves of the composed ops, in their order: linear (x, w1), gelu (h), linear
         // (a, w2). `h` is always saved: it is tracked whenever the node is.
@@ -118,7 +148,10 @@ impl Tape {
         } else {
             None
         };
-        let y = Tensor::zeros(out_dims.as_slice(), dt, &dev)?;
+        let y = match &residual {
+            Some(r) => r.tensor().clone(),
+            None => Tensor::zeros(out_dims.as_slice(), dt, &dev)?,
+        };
         let (w1t, w2t) = (m.w1.tensor().t()?, m.w2.tensor().t()?);
         for (first, len) in row_chunks(b, chunk) {
             let rows = len * per;
@@ -144,7 +177,14 @@ impl Tape {
             }
             let mut y_dims = out_dims.clone();
             y_dims[0] = len;
-            y.slice_set(&yc.reshape(y_dims)?, 0, first)?;
+            let yc = yc.reshape(y_dims)?;
+            if residual.is_some() {
+                if !add_in_place(&y.narrow(0, first, len)?, &yc)? {
+                    bail!("{OP}: the residual stream could not be added to in place");
+                }
+            } else {
+                y.slice_set(&yc, 0, first)?;
+            }
             crate::memory::check_budget()?;
         }
         let ch = self.finish_save_rows(h_rows)?;
@@ -155,7 +195,13 @@ impl Tape {
         let cw2 = Some(self.save("linear", m.w2, SaveAs::Activation)?);
         let (has_b1, has_b2, approx) = (m.b1.is_some(), m.b2.is_some(), m.approx);
         let x_shape = x.shape().clone();
-        self.record_grad(OP, &inputs, y, move |g, needs| {
+        let with_residual = residual.is_some();
+        let out = self.record_grad(OP, &inputs, y, move |g, needs| {
+            // The residual's gradient is the output gradient itself, handed on (with its
+            // ownership) once the chunks below have read it.
+            let needs = if with_residual { &needs[1..] } else { needs };
+            let g_owned = g.is_owned();
+            let g = g.into_tensor();
             let ctx = Contexts {
                 x: cx,
                 w1: cw1,
@@ -164,7 +210,7 @@ impl Tape {
                 w2: cw2,
             };
             let want = Wanted::from_needs(needs, has_b1, has_b2);
-            let g2 = g.into_tensor().reshape((b * per, out_f))?;
+            let g2 = g.reshape((b * per, out_f))?;
             let sizes = Sizes {
                 b,
                 per,
@@ -183,9 +229,24 @@ impl Tape {
             if has_b2 {
                 out.push(grads[4].take());
             }
+            drop(g2);
             // Every gradient is a new tensor (a matmul result or a buffer filled by chunks).
-            Ok(out.into_iter().map(|t| t.map(Grad::owned)).collect())
-        })
+            let mut grads: Vec<Option<Grad>> =
+                out.into_iter().map(|t| t.map(Grad::owned)).collect();
+            if with_residual {
+                let g = if g_owned {
+                    Grad::owned(g)
+                } else {
+                    Grad::shared(g)
+                };
+                grads.insert(0, Some(g));
+            }
+            Ok(grads)
+        })?;
+        match add_after {
+            Some(r) => self.add_owned(out, &r),
+            None => Ok(out),
+        }
     }
 }
 
