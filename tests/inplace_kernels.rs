@@ -72,6 +72,25 @@ fn run_inner(
     inputs: &[Tensor],
     f: &dyn Fn(&mut Tape, &[Value]) -> Result<Value>,
 ) -> Result<Run> {
+    let (mut store, ids, mut tape, vals) = tape_with_inputs(level, inputs)?;
+    let out = f(&mut tape, &vals)?;
+    let r = tape.constant(random_tensor(out.dims(), 99)?.to_dtype(out.dtype())?);
+    let prod = tape.mul(&out, &r)?;
+    let loss = tape.sum_all(&prod)?;
+    tape.backward(&loss, &mut store)?;
+    let grads = ids.iter().map(|&id| store.grad(id).cloned()).collect();
+    Ok(Run {
+        out: out.into_tensor(),
+        grads,
+    })
+}
+
+/// A tape at `level` (seed 11, every tensor eligible for compression) that has begun a step,
+/// with `inputs` as parameters of a store.
+fn tape_with_inputs(
+    level: Level,
+    inputs: &[Tensor],
+) -> Result<(ParamStore, Vec<actrain::tape::ParamId>, Tape, Vec<Value>)> {
     let mut store = ParamStore::new();
     let ids = inputs
         .iter()
@@ -87,16 +106,7 @@ fn run_inner(
     let mut tape = Tape::new(Box::new(policy)).with_seed(11);
     tape.begin_step();
     let vals: Vec<Value> = ids.iter().map(|&id| tape.param(&store, id)).collect();
-    let out = f(&mut tape, &vals)?;
-    let r = tape.constant(random_tensor(out.dims(), 99)?.to_dtype(out.dtype())?);
-    let prod = tape.mul(&out, &r)?;
-    let loss = tape.sum_all(&prod)?;
-    tape.backward(&loss, &mut store)?;
-    let grads = ids.iter().map(|&id| store.grad(id).cloned()).collect();
-    Ok(Run {
-        out: out.into_tensor(),
-        grads,
-    })
+    Ok((store, ids, tape, vals))
 }
 
 /// `max |a - b| / max |b|`: the difference relative to the tensor's scale (an elementwise
@@ -505,21 +515,7 @@ fn context_summary(
 ) -> Vec<(usize, String, String, Vec<usize>, usize)> {
     set_context_chunk_bytes(Some(512));
     set_fused_cpu_kernels(fused);
-    let mut store = ParamStore::new();
-    let ids: Vec<_> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, t)| store.add(format!("in{i}"), t.clone()).unwrap())
-        .collect();
-    let policy = CompressPolicy::new(CompressConfig {
-        level,
-        seed: 11,
-        min_elements: 0,
-        ..Default::default()
-    });
-    let mut tape = Tape::new(Box::new(policy)).with_seed(11);
-    tape.begin_step();
-    let vals: Vec<Value> = ids.iter().map(|&id| tape.param(&store, id)).collect();
+    let (_store, _ids, mut tape, vals) = tape_with_inputs(level, inputs).unwrap();
     f(&mut tape, &vals).unwrap();
     set_context_chunk_bytes(None);
     set_fused_cpu_kernels(true);

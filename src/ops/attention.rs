@@ -6,7 +6,7 @@
 //! scale, causal mask and softmax run as one rayon kernel over rows, and so does the softmax
 //! backward; elsewhere (CUDA, half types) the same maths runs as candle ops.
 
-use super::activation::{add_bias_rows, add_in_place, fused_cpu_kernels};
+use super::activation::{add_bias_rows, fused_cpu_kernels};
 use crate::tape::{Grad, RowSave, SaveAs, Saved, Tape, Value};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Storage, Tensor, WithDType, D};
@@ -96,9 +96,9 @@ impl Tape {
             let y = probs(0, b)?.matmul(v.tensor())?;
             return Ok(self.constant(y));
         }
-        // On the CPU the forward runs in batch chunks too, P saved chunk by chunk
-        // (`begin_save_rows`): no score-sized tensor of the whole batch ever exists.
-        let chunk = if q.tensor().device().is_cpu() {
+        // On the CPU at L1-L4 the forward runs in batch chunks too, P quantized chunk by
+        // chunk (`begin_save_rows`): no score-sized tensor of the whole batch ever exists.
+        let chunk = if q.tensor().device().is_cpu() && self.fuses_in_chunks() {
             super::chunk_rows_for(b, 2 * score_bytes)
         } else {
             b
@@ -299,10 +299,10 @@ impl Tape {
             .into_iter()
             .chain([m.bq, m.bk, m.bv, m.bo].into_iter().flatten())
             .collect();
-        // Fused in batch chunks on the CPU in the usual training case: several chunks (with
-        // fewer, the composed ops, which free `x` before the scores exist, hold less), every
-        // input tracked (so the contexts are exactly the composed ops'), no analytic
-        // estimate being taken.
+        // Fused in batch chunks on the CPU in the usual training case at L1-L4: several
+        // chunks (with fewer, the composed ops, which free `x` before the scores exist, hold
+        // less), every input tracked (so the contexts are exactly the composed ops'), no
+        // analytic estimate being taken (`Tape::fuses_in_chunks`).
         if fused_cpu_kernels()
             && x.tensor().device().is_cpu()
             // Composed: q, k, v and the output (4 input sizes); fused: the input, the output
@@ -311,7 +311,7 @@ impl Tape {
             && self.is_recording()
             && x.is_tracked()
             && params.iter().all(|p| p.is_tracked())
-            && !self.observes_output_grads()
+            && self.fuses_in_chunks()
         {
             let e_out = m.wo.dims().first().copied().unwrap_or(0);
             // The residual's buffer takes the sum where it may be overwritten; otherwise the
@@ -366,10 +366,10 @@ fn mha_inputs<'a>(x: &'a Value, m: &MultiHeadAttention<'a>) -> Vec<&'a Value> {
 }
 
 /// Samples per chunk of the fused attention: a chunk's scores and P, and its q, k, v and
-/// merged heads, within [`CONTEXT_CHUNK_BYTES`](super::CONTEXT_CHUNK_BYTES).
+/// merged heads, within [`FUSED_CHUNK_BYTES`](super::FUSED_CHUNK_BYTES).
 fn mha_chunk_rows(b: usize, t: usize, d: usize, heads: usize, dt: DType) -> usize {
     let per_sample = (2 * heads * t * t + 4 * t * d) * dt.size_in_bytes();
-    super::chunk_rows_for(b, per_sample)
+    super::fused_chunk_rows_for(b, per_sample)
 }
 
 /// `x W^T + b` over the rows of `x` (`[rows, in]`).
@@ -458,14 +458,7 @@ impl Tape {
             drop(o);
             rows[4].push(first, &merged)?;
             let yc = project(&merged.reshape((len * t, d))?, m.wo.tensor(), bo.as_ref())?;
-            let yc = yc.reshape((len, t, e_out))?;
-            if residual.is_some() {
-                if !add_in_place(&y.narrow(0, first, len)?, &yc)? {
-                    bail!("{OP}: the residual stream could not be added to in place");
-                }
-            } else {
-                y.slice_set(&yc, 0, first)?;
-            }
+            super::put_chunk(&y, first, &yc.reshape((len, t, e_out))?, residual.is_some())?;
             crate::memory::check_budget()?;
         }
         let mut saved = Vec::with_capacity(5);
@@ -494,13 +487,7 @@ impl Tape {
             // Gradients of wq, wk, wv, wo and their biases, summed over the chunks.
             let mut gw: [Option<Tensor>; 4] = [None, None, None, None];
             let mut gb: [Option<Tensor>; 4] = [None, None, None, None];
-            let add = |acc: &mut Option<Tensor>, part: Tensor| -> Result<()> {
-                *acc = Some(match acc.take() {
-                    None => part,
-                    Some(a) => (a + part)?,
-                });
-                Ok(())
-            };
+            let add = super::accumulate;
             let gx = Tensor::zeros((b * t, e), dt, &dev)?;
             for (first, len) in super::row_chunks(b, chunk) {
                 let n = len * t;

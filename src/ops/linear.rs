@@ -30,11 +30,7 @@ fn linear_grad_weight(cx: &Saved, g2: &Tensor, rows: usize, in_f: usize) -> Resu
         let count = chunk.min(samples - first);
         let xc = cx.load_rows(first, count)?.reshape((count * per, in_f))?;
         let gc = g2.narrow(0, first * per, count * per)?;
-        let part = gc.t()?.matmul(&xc)?;
-        acc = Some(match acc {
-            None => part,
-            Some(a) => (a + part)?,
-        });
+        super::accumulate(&mut acc, gc.t()?.matmul(&xc)?)?;
         first += count;
     }
     acc.ok_or_else(|| anyhow::anyhow!("linear: empty batch"))

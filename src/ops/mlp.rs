@@ -7,7 +7,8 @@
 //! forward computes a chunk of samples at a time and quantizes the chunk's hidden tensors
 //! into their contexts as it goes ([`Tape::begin_save_rows`]); backward reads the contexts a
 //! chunk at a time and carries the chunk's gradient through both layers, so the hidden width
-//! only ever exists for one chunk.
+//! only ever exists for one chunk. `mlp_residual` adds each chunk's output into the residual
+//! stream's buffer, so the output does not exist whole beside it either.
 //!
 //! The contexts, their slots and their codes are exactly those of the composed ops (`x` and
 //! `w1` for the first linear, the GELU input `h`, the second linear's input `a = gelu(h)` and
@@ -15,9 +16,9 @@
 //! differ from the composed ops only in the order the chunks' weight gradients are summed.
 
 use super::activation::{
-    add_bias_rows, add_in_place, fused_cpu_kernels, gelu_grad_owned, gelu_owned, GeluApprox,
+    add_bias_rows, fused_cpu_kernels, gelu_grad_owned, gelu_owned, GeluApprox,
 };
-use super::{chunk_rows_for, row_chunks};
+use super::{accumulate, fused_chunk_rows_for, put_chunk, row_chunks};
 use crate::tape::{Grad, SaveAs, Saved, Tape, Value};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -32,20 +33,11 @@ pub struct Mlp<'a> {
     pub approx: GeluApprox,
 }
 
-/// Adds `part` into the running sum `acc`.
-fn accumulate(acc: &mut Option<Tensor>, part: Tensor) -> Result<()> {
-    *acc = Some(match acc.take() {
-        None => part,
-        Some(a) => (a + part)?,
-    });
-    Ok(())
-}
-
 impl Tape {
     /// `linear(gelu(linear(x, w1, b1)), w2, b2)` over `x: [B, .., in]`, in batch chunks on
-    /// the CPU when the hidden tensor spans several chunks (see the module doc);
-    /// otherwise, elsewhere, and while an analytic sensitivity estimate is gathered, the
-    /// three ops one after another.
+    /// the CPU at L1–L4 when the hidden tensor spans several chunks (see the module doc);
+    /// otherwise, elsewhere, and while an analytic sensitivity estimate is gathered
+    /// ([`Tape::fuses_in_chunks`]), the three ops one after another.
     pub fn mlp(&mut self, x: &Value, m: &Mlp) -> Result<Value> {
         self.mlp_owned(x.clone(), m)
     }
@@ -83,7 +75,7 @@ impl Tape {
         let b = dims[0];
         let per: usize = dims[1..dims.len() - 1].iter().product();
         let (dt, dev) = (x.dtype(), x.tensor().device().clone());
-        let chunk = chunk_rows_for(b, per * hidden * dt.size_in_bytes());
+        let chunk = fused_chunk_rows_for(b, per * hidden * dt.size_in_bytes());
         // The composed ops save `h` only when something below the GELU is tracked.
         let below_tracked =
             self.needs_grad(&[&x, m.w1]) || m.b1.is_some_and(|b| self.needs_grad(&[b]));
@@ -93,7 +85,7 @@ impl Tape {
             // fused its input, its output and a chunk of 5: less from two chunks on.
             && super::worth_chunking(chunk, b, 2)
             && below_tracked
-            && !self.observes_output_grads();
+            && self.fuses_in_chunks();
         let mut out_dims = dims.clone();
         *out_dims.last_mut().expect("rank >= 2") = out_f;
         if !fused {
@@ -177,14 +169,7 @@ impl Tape {
             }
             let mut y_dims = out_dims.clone();
             y_dims[0] = len;
-            let yc = yc.reshape(y_dims)?;
-            if residual.is_some() {
-                if !add_in_place(&y.narrow(0, first, len)?, &yc)? {
-                    bail!("{OP}: the residual stream could not be added to in place");
-                }
-            } else {
-                y.slice_set(&yc, 0, first)?;
-            }
+            put_chunk(&y, first, &yc.reshape(y_dims)?, residual.is_some())?;
             crate::memory::check_budget()?;
         }
         let ch = self.finish_save_rows(h_rows)?;
@@ -311,7 +296,7 @@ fn mlp_backward(
         Some(w) => Some(w.load()?),
         None => None,
     };
-    let chunk = chunk_rows_for(s.b, s.per * s.hidden * dt.size_in_bytes());
+    let chunk = fused_chunk_rows_for(s.b, s.per * s.hidden * dt.size_in_bytes());
     for (first, len) in row_chunks(s.b, chunk) {
         let rows = len * s.per;
         let gc = g2.narrow(0, first * s.per, rows)?;

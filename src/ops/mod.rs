@@ -44,11 +44,44 @@ pub(crate) fn chunk_rows_for(rows: usize, row_bytes: usize) -> usize {
     (context_chunk_bytes() / row_bytes.max(1)).clamp(1, rows.max(1))
 }
 
+/// Bytes of per-chunk temporaries of the ops that run a whole block of layers a chunk of
+/// samples at a time (the attention and the MLP): larger than [`CONTEXT_CHUNK_BYTES`]
+/// because each chunk is a dozen ops, whose fixed costs showed with 2 MiB chunks
+/// (gpt-char steps 15-25% slower); 8 MiB brings them back to the composed ops' speed.
+pub const FUSED_CHUNK_BYTES: usize = 8 << 20;
+
+/// Rows per chunk of a fused block op, within [`FUSED_CHUNK_BYTES`] (or the test override
+/// of [`set_context_chunk_bytes`], so that small tests still run in several chunks).
+pub(crate) fn fused_chunk_rows_for(rows: usize, row_bytes: usize) -> usize {
+    let bytes = CHUNK_BYTES.with(|c| c.get()).unwrap_or(FUSED_CHUNK_BYTES);
+    (bytes / row_bytes.max(1)).clamp(1, rows.max(1))
+}
+
 /// Whether a fused op that keeps its input and output whole and runs the rest in chunks of
 /// `chunk` of `rows` rows holds less than the composed ops, which free each tensor as they
 /// go: true from `min_chunks` chunks on (the op's own break-even, from the sizes it holds).
 pub(crate) fn worth_chunking(chunk: usize, rows: usize, min_chunks: usize) -> bool {
     chunk.saturating_mul(min_chunks) <= rows
+}
+
+/// Adds `part` into the running sum `acc` (weight gradients summed over batch chunks).
+pub(crate) fn accumulate(acc: &mut Option<Tensor>, part: Tensor) -> Result<()> {
+    *acc = Some(match acc.take() {
+        None => part,
+        Some(a) => (a + part)?,
+    });
+    Ok(())
+}
+
+/// Puts a chunk's output `part` into rows `first..` of the fused op's output `y`: added in
+/// place when `y` is the residual stream the op adds into, copied otherwise.
+pub(crate) fn put_chunk(y: &Tensor, first: usize, part: &Tensor, add: bool) -> Result<()> {
+    if !add {
+        y.slice_set(part, 0, first)?;
+    } else if !activation::add_in_place(&y.narrow(0, first, part.dims()[0])?, part)? {
+        anyhow::bail!("the residual stream could not be added to in place");
+    }
+    Ok(())
 }
 
 /// `(first, len)` of consecutive chunks of at most `chunk` rows covering `0..rows`.

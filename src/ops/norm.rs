@@ -1141,10 +1141,7 @@ impl Tape {
                     }
                     for (acc, part) in [(&mut gg, ggc), (&mut gb, gbc)] {
                         if let Some(part) = part {
-                            *acc = Some(match acc.take() {
-                                None => part,
-                                Some(a) => (a + part)?,
-                            });
+                            super::accumulate(acc, part)?;
                         }
                     }
                 }

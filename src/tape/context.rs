@@ -146,6 +146,12 @@ pub trait ContextPolicy {
     fn pack_rows(&mut self, _req: &RowsRequest) -> Result<Option<Box<dyn RowPacker>>> {
         Ok(None)
     }
+    /// Whether activations are stored compressed (L1–L4). Ops that fuse layers into batch
+    /// chunks only pay off then: with contexts kept as they are, the whole tensors exist
+    /// anyway and the chunks would only add copies and per-op costs.
+    fn compresses_activations(&self) -> bool {
+        false
+    }
 }
 
 /// Stores every context as it is: the fp32 baseline (L0), and what gradient checks use.

@@ -332,12 +332,14 @@ impl Tape {
         }
     }
 
-    /// Whether this step's backward reports each saving node's output gradient to the policy
-    /// (an analytic sensitivity estimate is being gathered): fused ops that save several
-    /// contexts under one node fall back to their parts then, so each context is reported
-    /// with the gradient of the op that read it.
-    pub(crate) fn observes_output_grads(&self) -> bool {
-        self.policy.wants_output_grads()
+    /// Whether an op may run a block of layers fused in batch chunks, saving its hidden
+    /// tensors with [`Tape::begin_save_rows`]: activations are compressed (at L0 the whole
+    /// tensors are kept anyway, and the composed ops are faster), and this step's backward
+    /// does not report each saving node's output gradient to the policy (an analytic
+    /// sensitivity estimate): a fused node would report one gradient for contexts that
+    /// different layers read.
+    pub(crate) fn fuses_in_chunks(&self) -> bool {
+        self.policy.compresses_activations() && !self.policy.wants_output_grads()
     }
 
     /// True when an op over these inputs must record a node (and so save context).
