@@ -506,6 +506,32 @@ fn residual_sums_fused_into_attention_and_mlp_match_the_composed_ops() {
     );
 }
 
+/// Shapes that do not chain are errors naming the MLP and the shapes, on every path.
+#[test]
+fn mlp_shape_errors_name_the_op_and_shapes() {
+    let mut tape = Tape::default();
+    let x = tape.constant(rand32(&[2, 3, 8], 80, 1.0));
+    let w1 = tape.constant(rand32(&[16, 8], 81, 1.0));
+    let w2_bad = tape.constant(rand32(&[8, 12], 82, 1.0));
+    let w2 = tape.constant(rand32(&[8, 16], 83, 1.0));
+    let m = |w2| Mlp {
+        w1: &w1,
+        b1: None,
+        w2,
+        b2: None,
+        approx: GeluApprox::Tanh,
+    };
+    let e = tape.mlp(&x, &m(&w2_bad)).unwrap_err().to_string();
+    assert!(
+        e.contains("mlp") && e.contains("[8, 12]") && e.contains("16"),
+        "{e}"
+    );
+    let x_bad = tape.constant(rand32(&[2, 3, 7], 84, 1.0));
+    let e = tape.mlp(&x_bad, &m(&w2)).unwrap_err().to_string();
+    assert!(e.contains("mlp") && e.contains("[2, 3, 7]"), "{e}");
+    assert_eq!(tape.mlp(&x, &m(&w2)).unwrap().dims(), &[2, 3, 8]);
+}
+
 /// `(slot, op, repr, shape, stored bytes)` of every context `f` saves at `level`, in slot order.
 fn context_summary(
     level: Level,

@@ -1019,6 +1019,47 @@ mod tests {
         .unwrap()
     }
 
+    /// A context saved in rows must get every row once, in order, with the declared shape
+    /// and dtype; anything else is an error naming the op, and finishing early is one too.
+    #[test]
+    fn rows_saved_out_of_order_or_incomplete_are_errors() {
+        let mut tape = Tape::new(Box::new(KeepPolicy));
+        let dev = Device::Cpu;
+        let rows = |n: usize| Tensor::ones((n, 3), DType::F32, &dev).unwrap();
+        let mut r = tape
+            .begin_save_rows("op_x", &[4, 3], DType::F32, &dev, SaveAs::Activation)
+            .unwrap();
+        let e = r.push(1, &rows(1)).unwrap_err().to_string();
+        assert!(e.contains("op_x") && e.contains("filled to row 0"), "{e}");
+        r.push(0, &rows(2)).unwrap();
+        let wide = Tensor::ones((1, 4), DType::F32, &dev).unwrap();
+        assert!(r.push(2, &wide).is_err(), "wrong row shape");
+        let f64_rows = Tensor::ones((1, 3), DType::F64, &dev).unwrap();
+        assert!(r.push(2, &f64_rows).is_err(), "wrong dtype");
+        assert!(r.push(2, &rows(3)).is_err(), "past the last row");
+        let e = tape.finish_save_rows(r).err().unwrap().to_string();
+        assert!(e.contains("2 of the context's 4 rows"), "{e}");
+        // Complete: the gathered context is the rows, in order.
+        let mut r = tape
+            .begin_save_rows("op_x", &[4, 3], DType::F32, &dev, SaveAs::Activation)
+            .unwrap();
+        let t = Tensor::arange(0f32, 12., &dev)
+            .unwrap()
+            .reshape((4, 3))
+            .unwrap();
+        r.push(0, &t.narrow(0, 0, 3).unwrap()).unwrap();
+        r.push(3, &t.narrow(0, 3, 1).unwrap()).unwrap();
+        let saved = tape.finish_save_rows(r).unwrap();
+        let back: Vec<f32> = saved
+            .load()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(back, (0..12).map(|v| v as f32).collect::<Vec<_>>());
+    }
+
     #[test]
     fn a_rule_is_offered_the_owned_gradient_its_input_has_gathered() {
         let mut store = ParamStore::new();
