@@ -17,7 +17,7 @@ use actrain::compress::policy::{CompressConfig, CompressPolicy, Level};
 use actrain::ops::activation::{set_fused_cpu_kernels, GeluApprox};
 use actrain::ops::attention::MultiHeadAttention;
 use actrain::ops::mlp::Mlp;
-use actrain::ops::norm::{force_generic_norm_kernels, BatchNormStats};
+use actrain::ops::norm::{force_generic_norm_kernels, BatchNormStats, PreNorm};
 use actrain::ops::set_context_chunk_bytes;
 use actrain::tape::gradcheck::{max_rel_diff, random_tensor};
 use actrain::tape::{ParamStore, Tape, Value};
@@ -504,6 +504,71 @@ fn residual_sums_fused_into_attention_and_mlp_match_the_composed_ops() {
             t.mlp_residual(n2, &mlp, x1)
         },
     );
+}
+
+/// The two halves of a pre-norm transformer block fused with their layer norms
+/// (`prenorm_attention_residual`, `prenorm_mlp_residual`: the norm computed a chunk at a
+/// time, the sum added into the residual stream): the same output and gradients as
+/// `layer_norm` + the composed ops + an add, and at L3 the same context log, line by line
+/// in the same order (a profile reads it so).
+#[test]
+fn prenorm_halves_fused_with_their_norms_match_the_composed_ops() {
+    let inputs = [
+        rand32(&[4, 6, 8], 90, 1.0),
+        rand32(&[8], 91, 1.0),
+        rand32(&[8], 92, 0.5),
+        rand32(&[8, 8], 93, 0.5),
+        rand32(&[8, 8], 94, 0.5),
+        rand32(&[8, 8], 95, 0.5),
+        rand32(&[8, 8], 96, 0.5),
+        rand32(&[16, 8], 97, 0.5),
+        rand32(&[16], 98, 0.5),
+        rand32(&[8, 16], 99, 0.5),
+        rand32(&[8], 100, 0.5),
+    ];
+    let f = |t: &mut Tape, v: &[Value]| {
+        let x = t.scale(&v[0], 1.0)?;
+        let norm = PreNorm {
+            gamma: Some(&v[1]),
+            beta: Some(&v[2]),
+            eps: 1e-5,
+        };
+        let attn = MultiHeadAttention {
+            causal: true,
+            ..MultiHeadAttention::new(&v[3], &v[4], &v[5], &v[6], 2)
+        };
+        let x1 = t.prenorm_attention_residual(x, &norm, &attn)?;
+        let mlp = Mlp {
+            w1: &v[7],
+            b1: Some(&v[8]),
+            w2: &v[9],
+            b2: Some(&v[10]),
+            approx: GeluApprox::Tanh,
+        };
+        t.prenorm_mlp_residual(x1, &norm, &mlp)
+    };
+    let log = |fused: bool| {
+        set_context_chunk_bytes(Some(512));
+        set_fused_cpu_kernels(fused);
+        let (_s, _i, mut tape, vals) = tape_with_inputs(Level::L3, &inputs).unwrap();
+        f(&mut tape, &vals).unwrap();
+        set_context_chunk_bytes(None);
+        set_fused_cpu_kernels(true);
+        tape.context_log()
+            .iter()
+            .map(|r| {
+                (
+                    r.slot,
+                    r.op,
+                    r.repr.clone(),
+                    r.shape.clone(),
+                    r.stored_bytes,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(log(true), log(false), "context log, fused vs composed");
+    check("pre-norm halves fused with their norms", &inputs, f);
 }
 
 /// Shapes that do not chain are errors naming the MLP and the shapes, on every path.

@@ -208,10 +208,10 @@ out = "classes"
 ///
 /// With 128 KiB chunks (a batch 16 times the chunk, as for a real model at its max batch)
 /// the attention and the MLP run fused in batch chunks, their hidden tensors saved chunk by
-/// chunk, their outputs added into the residual stream in place, and layer norm's backward
-/// reads its input in chunks into the owned gradient: 1.22H forward and 1.35H backward,
-/// against 2.11H and 2.40H before (1.47H forward without the in-place residual sums; bounds
-/// 1.4H and 1.55H).
+/// chunk, their outputs added into the residual stream in place and their layer norms run a
+/// chunk at a time inside them: 1.13H forward and 1.10H backward, against 2.11H and 2.40H
+/// composed (1.47H / 1.35H with the branches alone fused, 1.22H / 1.35H with the residual
+/// sums too; bounds 1.2H and 1.25H).
 #[test]
 fn l3_transformer_step_transients_stay_within_a_few_hidden_sizes() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -243,11 +243,11 @@ fn l3_transformer_step_transients_stay_within_a_few_hidden_sizes() {
     );
     println!("L3 transients in 128 KiB chunks: forward {cf:.2} H, backward {cb:.2} H");
     assert!(
-        cf <= 1.4,
+        cf <= 1.2,
         "forward peak above steady state in 128 KiB chunks: {cf:.2} hidden sizes"
     );
     assert!(
-        cb <= 1.55,
+        cb <= 1.25,
         "backward peak above steady state in 128 KiB chunks: {cb:.2} hidden sizes"
     );
     assert!(

@@ -7,7 +7,7 @@ use super::def::{LayerOp, ModelDef};
 use crate::compress::uniform;
 use crate::ops::attention::MultiHeadAttention;
 use crate::ops::conv::Conv2dParams;
-use crate::ops::norm::BatchNormStats;
+use crate::ops::norm::{BatchNormStats, PreNorm};
 use crate::ops::sparse::CsrMatrix;
 use crate::tape::{ParamId, ParamStore, Tape, Value};
 use anyhow::{anyhow, bail, Result};
@@ -680,19 +680,14 @@ fn batch_norm(
     Ok(y)
 }
 
-/// Multi-head attention over `x` with the layer's parameters `p`, plus `residual` when given
-/// (added in place where it may be: [`Tape::multi_head_attention_residual`]).
-fn mha(
-    tape: &mut Tape,
-    store: &ParamStore,
-    x: Value,
-    p: &[ParamId],
-    heads: usize,
-    causal: bool,
-    residual: Option<Value>,
-) -> Result<Value> {
-    let v: Vec<Value> = p.iter().map(|&id| tape.param(store, id)).collect();
-    let m = MultiHeadAttention {
+/// The attention layer's parameters `p` (wq, bq, wk, bk, wv, bv, wo, bo) as tape values.
+fn attention_values(tape: &mut Tape, store: &ParamStore, p: &[ParamId]) -> Vec<Value> {
+    p.iter().map(|&id| tape.param(store, id)).collect()
+}
+
+/// Multi-head attention over `v` from [`attention_values`].
+fn mha_of(v: &[Value], heads: usize, causal: bool) -> MultiHeadAttention<'_> {
+    MultiHeadAttention {
         wq: &v[0],
         bq: Some(&v[1]),
         wk: &v[2],
@@ -703,11 +698,20 @@ fn mha(
         bo: Some(&v[7]),
         heads,
         causal,
-    };
-    match residual {
-        Some(r) => tape.multi_head_attention_residual(x, &m, r),
-        None => tape.multi_head_attention_owned(x, &m),
     }
+}
+
+/// Multi-head attention over `x` with the layer's parameters `p`.
+fn mha(
+    tape: &mut Tape,
+    store: &ParamStore,
+    x: Value,
+    p: &[ParamId],
+    heads: usize,
+    causal: bool,
+) -> Result<Value> {
+    let v = attention_values(tape, store, p);
+    tape.multi_head_attention_owned(x, &mha_of(&v, heads, causal))
 }
 
 /// Runs one layer. `ins` are owned: a layer frees each intermediate (and an input it was
@@ -806,9 +810,7 @@ fn run_layer(
             tape.transpose(&h, 1, 2)?
         }
         LayerOp::MeanTokens => tape.mean(x, &[1], false)?,
-        LayerOp::Attention { heads, causal } => {
-            mha(tape, store, x.clone(), p, *heads, *causal, None)?
-        }
+        LayerOp::Attention { heads, causal } => mha(tape, store, x.clone(), p, *heads, *causal)?,
         LayerOp::TransformerBlock {
             heads,
             causal,
@@ -817,24 +819,7 @@ fn run_layer(
         } => {
             let x = ins.into_iter().next().expect("one input");
             let (g1, b1) = (param(tape, store, 0), param(tape, store, 1));
-            let n1 = tape.layer_norm(&x, g1.as_ref(), b1.as_ref(), 1e-5)?;
-            // Each intermediate is handed over or dropped once read: the attention frees the
-            // normalised input before its scores exist, and the residual sums go into the
-            // residual stream's buffer (without dropout, see `Tape::mlp_residual`) or take
-            // the branch output's (at L1-L4, see `Tape::add_owned`).
-            let x1 = if *dropout == 0.0 {
-                mha(tape, store, n1, &p[2..10], *heads, *causal, Some(x))?
-            } else {
-                let a = {
-                    let a = mha(tape, store, n1, &p[2..10], *heads, *causal, None)?;
-                    tape.dropout(&a, *dropout)?
-                };
-                let x1 = tape.add_owned(a, &x)?;
-                drop(x);
-                x1
-            };
             let (g2, b2) = (param(tape, store, 10), param(tape, store, 11));
-            let n2 = tape.layer_norm(&x1, g2.as_ref(), b2.as_ref(), 1e-5)?;
             let (w1, c1) = (param(tape, store, 12).expect("fc1"), param(tape, store, 13));
             let (w2, c2) = (param(tape, store, 14).expect("fc2"), param(tape, store, 15));
             let mlp = crate::ops::mlp::Mlp {
@@ -845,14 +830,40 @@ fn run_layer(
                 approx: crate::ops::activation::GeluApprox::Tanh,
             };
             if *dropout == 0.0 {
-                tape.mlp_residual(n2, &mlp, x1)?
-            } else {
-                let h3 = {
-                    let h3 = tape.mlp_owned(n2, &mlp)?;
-                    tape.dropout(&h3, *dropout)?
+                // Each half fused with its layer norm and residual sum: at L1-L4 on the CPU
+                // they run in batch chunks and add into the residual stream in place
+                // (`Tape::prenorm_attention_residual`, `Tape::prenorm_mlp_residual`).
+                let ln1 = PreNorm {
+                    gamma: g1.as_ref(),
+                    beta: b1.as_ref(),
+                    eps: 1e-5,
                 };
-                tape.add_owned(h3, &x1)?
+                let v = attention_values(tape, store, &p[2..10]);
+                let x1 = tape.prenorm_attention_residual(x, &ln1, &mha_of(&v, *heads, *causal))?;
+                drop(v);
+                let ln2 = PreNorm {
+                    gamma: g2.as_ref(),
+                    beta: b2.as_ref(),
+                    eps: 1e-5,
+                };
+                return tape.prenorm_mlp_residual(x1, &ln2, &mlp);
             }
+            // With dropout: each intermediate is handed over or dropped once read (the
+            // attention frees the normalised input before its scores exist) and the residual
+            // sums take the branch output's buffer (at L1-L4, see `Tape::add_owned`).
+            let n1 = tape.layer_norm(&x, g1.as_ref(), b1.as_ref(), 1e-5)?;
+            let a = {
+                let a = mha(tape, store, n1, &p[2..10], *heads, *causal)?;
+                tape.dropout(&a, *dropout)?
+            };
+            let x1 = tape.add_owned(a, &x)?;
+            drop(x);
+            let n2 = tape.layer_norm(&x1, g2.as_ref(), b2.as_ref(), 1e-5)?;
+            let h3 = {
+                let h3 = tape.mlp_owned(n2, &mlp)?;
+                tape.dropout(&h3, *dropout)?
+            };
+            tape.add_owned(h3, &x1)?
         }
         LayerOp::ResidualBlock {
             stride, bottleneck, ..

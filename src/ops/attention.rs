@@ -7,6 +7,7 @@
 //! backward; elsewhere (CUDA, half types) the same maths runs as candle ops.
 
 use super::activation::{add_bias_rows, fused_cpu_kernels};
+use super::norm::{ChunkNorm, PreNorm};
 use crate::tape::{Grad, RowSave, SaveAs, Saved, Tape, Value};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Storage, Tensor, WithDType, D};
@@ -397,6 +398,62 @@ impl Tape {
         m: &MultiHeadAttention,
         residual: Option<Value>,
     ) -> Result<Value> {
+        self.mha_chunks(x, m, residual, None)
+    }
+
+    /// `x + multi_head_attention(layer_norm(x))`, the first half of a pre-norm transformer
+    /// block, `x` handed over. Fused, the norm runs a chunk at a time too (saving what
+    /// `layer_norm` saves), so neither the normalised tensor nor the attention output ever
+    /// exists whole: forward holds the residual stream, backward its gradient, each beside
+    /// one chunk's temporaries. Otherwise `layer_norm` then
+    /// [`Tape::multi_head_attention_residual`].
+    pub fn prenorm_attention_residual(
+        &mut self,
+        x: Value,
+        norm: &PreNorm,
+        m: &MultiHeadAttention,
+    ) -> Result<Value> {
+        let xd = x.dims().to_vec();
+        let params: Vec<&Value> = [m.wq, m.wk, m.wv, m.wo]
+            .into_iter()
+            .chain(
+                [m.bq, m.bk, m.bv, m.bo, norm.gamma, norm.beta]
+                    .into_iter()
+                    .flatten(),
+            )
+            .collect();
+        let d = m.wq.dims().first().copied().unwrap_or(0);
+        let fused = fused_cpu_kernels()
+            && x.tensor().device().is_cpu()
+            && xd.len() == 3
+            && m.heads > 0
+            && d % m.heads == 0
+            && m.wo.dims().first() == Some(&xd[2])
+            && super::worth_chunking(
+                mha_chunk_rows(xd[0], xd[1], d, m.heads, x.dtype()),
+                xd[0],
+                3,
+            )
+            && self.is_recording()
+            && x.is_tracked()
+            && params.iter().all(|p| p.is_tracked())
+            && self.fuses_in_chunks();
+        if !fused {
+            let n = self.layer_norm(&x, norm.gamma, norm.beta, norm.eps)?;
+            return self.mha_with(n, m, Some(x));
+        }
+        self.mha_chunks(&x, m, None, Some(norm))
+    }
+
+    /// The fused attention: of `x` itself, or with `norm` of `layer_norm(x)` plus `x` (the
+    /// residual stream); with `residual`, plus that.
+    fn mha_chunks(
+        &mut self,
+        x: &Value,
+        m: &MultiHeadAttention,
+        residual: Option<Value>,
+        norm: Option<&PreNorm>,
+    ) -> Result<Value> {
         const OP: &str = "multi_head_attention";
         let xd = x.dims();
         let (b, t, e) = (xd[0], xd[1], xd[2]);
@@ -410,13 +467,30 @@ impl Tape {
             tq: t,
             tk: t,
         };
-        // The composed ops' saves, in their order: each projection saves `x` (stored once)
-        // and its weight; the attention q, k, v and P; the output projection its input.
-        let cx = self.save("linear", x, SaveAs::Activation)?;
+        // The composed ops' saves, in their order: with a norm, layer_norm's (x, mean, rstd,
+        // gamma); each projection saves its input (stored once) and its weight; the
+        // attention q, k, v and P; the output projection its input.
+        let mut cn = match norm {
+            Some(n) => Some(ChunkNorm::begin(self, x, n)?),
+            None => None,
+        };
+        let (cx, mut n_rows) = match cn {
+            Some(_) => {
+                let r = self.begin_save_rows("linear", &[b, t, e], dt, &dev, SaveAs::Activation)?;
+                (None, Some(r))
+            }
+            None => (Some(self.save("linear", x, SaveAs::Activation)?), None),
+        };
         let cwq = self.save("linear", m.wq, SaveAs::Activation)?;
-        self.save("linear", x, SaveAs::Activation)?;
+        match cn {
+            Some(_) => self.note_shared("linear", &[b, t, e]),
+            None => drop(self.save("linear", x, SaveAs::Activation)?),
+        }
         let cwk = self.save("linear", m.wk, SaveAs::Activation)?;
-        self.save("linear", x, SaveAs::Activation)?;
+        match cn {
+            Some(_) => self.note_shared("linear", &[b, t, e]),
+            None => drop(self.save("linear", x, SaveAs::Activation)?),
+        }
         let cwv = self.save("linear", m.wv, SaveAs::Activation)?;
         let head_dims = [b, h, t, dh];
         let mut rows: Vec<RowSave> = Vec::with_capacity(5);
@@ -429,15 +503,28 @@ impl Tape {
         ] {
             rows.push(self.begin_save_rows(op, &dims, dt, &dev, SaveAs::Activation)?);
         }
-        let y = match &residual {
-            Some(r) => r.tensor().clone(),
-            None => Tensor::zeros((b, t, e_out), dt, &dev)?,
+        // With a norm the sum goes into `x`'s own buffer unless the norm kept it as it is.
+        let norm_in_place =
+            cn.as_ref().is_some_and(|c| !c.keeps_input_as_is()) && self.may_overwrite(x, None);
+        let y = match (&residual, &cn) {
+            (Some(r), _) => r.tensor().clone(),
+            (None, Some(_)) if norm_in_place => x.tensor().clone(),
+            _ => Tensor::zeros((b, t, e_out), dt, &dev)?,
         };
         let chunk = mha_chunk_rows(b, t, d, h, dt);
         let bias = |v: Option<&Value>| v.map(|v| v.tensor().clone());
         let (bq, bk, bv, bo) = (bias(m.bq), bias(m.bk), bias(m.bv), bias(m.bo));
         for (first, len) in super::row_chunks(b, chunk) {
-            let xc = x.tensor().narrow(0, first, len)?.reshape((len * t, e))?;
+            let x_rows = x.tensor().narrow(0, first, len)?;
+            let xc = match (cn.as_mut(), n_rows.as_mut()) {
+                (Some(cn), Some(r)) => {
+                    let n = cn.forward(first, &x_rows)?;
+                    r.push(first, &n)?;
+                    n
+                }
+                _ => x_rows.clone(),
+            }
+            .reshape((len * t, e))?;
             let heads = |w: &Value, bias: Option<&Tensor>| -> Result<Tensor> {
                 let y = project(&xc, w.tensor(), bias)?;
                 Ok(y.reshape((len, t, h, dh))?.transpose(1, 2)?.contiguous()?)
@@ -458,9 +545,27 @@ impl Tape {
             drop(o);
             rows[4].push(first, &merged)?;
             let yc = project(&merged.reshape((len * t, d))?, m.wo.tensor(), bo.as_ref())?;
-            super::put_chunk(&y, first, &yc.reshape((len, t, e_out))?, residual.is_some())?;
+            let yc = yc.reshape((len, t, e_out))?;
+            match &cn {
+                Some(_) if norm_in_place => super::put_chunk(&y, first, &yc, true)?,
+                Some(_) => super::put_chunk(&y, first, &(yc + &x_rows)?, false)?,
+                None => super::put_chunk(&y, first, &yc, residual.is_some())?,
+            }
             crate::memory::check_budget()?;
         }
+        let cn = match cn {
+            Some(c) => Some(c.finish(
+                self,
+                norm.is_some_and(|n| n.gamma.is_some()),
+                norm.is_some_and(|n| n.beta.is_some()),
+            )?),
+            None => None,
+        };
+        let cx = match (cx, n_rows) {
+            (Some(c), _) => c,
+            (None, Some(r)) => self.finish_save_rows(r)?,
+            (None, None) => bail!("{OP}: the projections' input was not saved"),
+        };
         let mut saved = Vec::with_capacity(5);
         for r in rows {
             saved.push(self.finish_save_rows(r)?);
@@ -476,8 +581,20 @@ impl Tape {
             m.bo.is_some(),
         ];
         let mut inputs: Vec<&Value> = residual.iter().collect();
-        inputs.extend(mha_inputs(x, m));
+        match norm {
+            Some(n) => {
+                inputs.push(x);
+                inputs.extend(n.gamma);
+                inputs.extend(n.beta);
+                inputs.extend(mha_inputs(x, m).into_iter().skip(1));
+            }
+            None => inputs.extend(mha_inputs(x, m)),
+        }
         let with_residual = residual.is_some();
+        let has_norm = [
+            norm.is_some_and(|n| n.gamma.is_some()),
+            norm.is_some_and(|n| n.beta.is_some()),
+        ];
         self.record_grad(OP, &inputs, y, move |g, _needs| {
             // The residual's gradient is the output gradient itself, handed on (with its
             // ownership) once the chunks below have read it.
@@ -488,7 +605,14 @@ impl Tape {
             let mut gw: [Option<Tensor>; 4] = [None, None, None, None];
             let mut gb: [Option<Tensor>; 4] = [None, None, None, None];
             let add = super::accumulate;
-            let gx = Tensor::zeros((b * t, e), dt, &dev)?;
+            // With a norm, `x`'s gradient is the output gradient (the residual path) plus the
+            // norm's input gradient, added into the output gradient's buffer where owned.
+            let (mut gg, mut gbn) = (None, None);
+            let gx = match (&cn, g_owned) {
+                (Some(_), true) => g.reshape((b * t, e))?,
+                (Some(_), false) => g.reshape((b * t, e))?.copy()?,
+                (None, _) => Tensor::zeros((b * t, e), dt, &dev)?,
+            };
             for (first, len) in super::row_chunks(b, chunk) {
                 let n = len * t;
                 let gc = g.narrow(0, first, len)?.reshape((n, e_out))?;
@@ -521,18 +645,32 @@ impl Tape {
                     add(&mut gxc, gh.matmul(&w[i])?)?;
                 }
                 if let Some(gxc) = gxc {
-                    gx.slice_set(&gxc, 0, first * t)?;
+                    match &cn {
+                        Some(cn) => {
+                            let part = cn.backward(first, len, &gxc, &mut gg, &mut gbn)?;
+                            super::put_chunk(&gx, first * t, &part, true)?;
+                        }
+                        None => gx.slice_set(&gxc, 0, first * t)?,
+                    }
                 }
             }
-            let mut out = Vec::with_capacity(10);
+            let mut out = Vec::with_capacity(12);
             if with_residual {
                 out.push(Some(if g_owned {
                     Grad::owned(g)
                 } else {
                     Grad::shared(g)
                 }));
+            } else {
+                drop(g);
             }
             out.push(Some(Grad::owned(gx.reshape((b, t, e))?)));
+            if has_norm[0] {
+                out.push(gg.take().map(Grad::owned));
+            }
+            if has_norm[1] {
+                out.push(gbn.take().map(Grad::owned));
+            }
             for i in 0..4 {
                 out.push(gw[i].take().map(Grad::owned));
                 if has[i] {

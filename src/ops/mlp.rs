@@ -18,6 +18,7 @@
 use super::activation::{
     add_bias_rows, fused_cpu_kernels, gelu_grad_owned, gelu_owned, GeluApprox,
 };
+use super::norm::{ChunkNorm, PreNorm};
 use super::{accumulate, fused_chunk_rows_for, put_chunk, row_chunks};
 use crate::tape::{Grad, SaveAs, Saved, Tape, Value};
 use anyhow::{bail, Result};
@@ -55,6 +56,151 @@ impl Tape {
     /// so the MLP's output never exists whole beside the residual stream.
     pub fn mlp_residual(&mut self, x: Value, m: &Mlp, residual: Value) -> Result<Value> {
         self.mlp_with(x, m, Some(residual))
+    }
+
+    /// `x + mlp(layer_norm(x))`, the second half of a pre-norm transformer block, `x` handed
+    /// over. Fused, the norm runs a chunk at a time too (saving what `layer_norm` saves), so
+    /// neither the normalised tensor nor the MLP's output ever exists whole: forward holds the
+    /// residual stream, backward its gradient, each beside one chunk's temporaries. Otherwise
+    /// `layer_norm` then [`Tape::mlp_residual`].
+    pub fn prenorm_mlp_residual(&mut self, x: Value, norm: &PreNorm, m: &Mlp) -> Result<Value> {
+        const OP: &str = "mlp";
+        let dims = x.dims().to_vec();
+        let (hidden, in_f) = m.w1.tensor().dims2()?;
+        let (out_f, _) = m.w2.tensor().dims2()?;
+        let (dt, dev) = (x.dtype(), x.tensor().device().clone());
+        let b = dims.first().copied().unwrap_or(0);
+        let per: usize = dims
+            .get(1..dims.len().saturating_sub(1))
+            .map_or(1, |d| d.iter().product());
+        let chunk = fused_chunk_rows_for(b, per * hidden * dt.size_in_bytes());
+        let params: Vec<&Value> = [Some(m.w1), m.b1, Some(m.w2), m.b2, norm.gamma, norm.beta]
+            .into_iter()
+            .flatten()
+            .collect();
+        let fused = fused_cpu_kernels()
+            && dev.is_cpu()
+            && dims.len() >= 2
+            && dims.last() == Some(&in_f)
+            && out_f == in_f
+            && super::worth_chunking(chunk, b, 2)
+            && x.is_tracked()
+            && params.iter().all(|p| p.is_tracked())
+            && self.is_recording()
+            && self.fuses_in_chunks();
+        if !fused {
+            let n = self.layer_norm(&x, norm.gamma, norm.beta, norm.eps)?;
+            return self.mlp_with(n, m, Some(x));
+        }
+        let hid_dims: Vec<usize> = dims[..dims.len() - 1]
+            .iter()
+            .copied()
+            .chain([hidden])
+            .collect();
+        // The composed ops' saves in their order: layer_norm (x, mean, rstd, gamma), linear
+        // (its input n, w1), gelu (h), linear (a, w2).
+        let mut cn = ChunkNorm::begin(self, &x, norm)?;
+        let mut n_rows = self.begin_save_rows("linear", &dims, dt, &dev, SaveAs::Activation)?;
+        let cw1 = self.save("linear", m.w1, SaveAs::Activation)?;
+        let mut h_rows = self.begin_save_rows("gelu", &hid_dims, dt, &dev, SaveAs::Activation)?;
+        let mut a_rows = self.begin_save_rows("linear", &hid_dims, dt, &dev, SaveAs::Activation)?;
+        // The sum goes into the residual stream's buffer unless the norm kept `x` as it is.
+        let in_place = !cn.keeps_input_as_is() && self.may_overwrite(&x, None);
+        let y = if in_place {
+            x.tensor().clone()
+        } else {
+            Tensor::zeros(dims.as_slice(), dt, &dev)?
+        };
+        let (w1t, w2t) = (m.w1.tensor().t()?, m.w2.tensor().t()?);
+        for (first, len) in row_chunks(b, chunk) {
+            let rows = len * per;
+            let xc = x.tensor().narrow(0, first, len)?;
+            let n = cn.forward(first, &xc)?;
+            n_rows.push(first, &n)?;
+            let mut h = n.reshape((rows, in_f))?.matmul(&w1t)?;
+            drop(n);
+            if let Some(b1) = m.b1 {
+                h = add_bias_rows(h, b1.tensor())?;
+            }
+            let mut chunk_dims = hid_dims.clone();
+            chunk_dims[0] = len;
+            let h = h.reshape(chunk_dims.as_slice())?;
+            h_rows.push(first, &h)?;
+            let a = gelu_owned(h, m.approx)?;
+            a_rows.push(first, &a)?;
+            let mut yc = a.reshape((rows, hidden))?.matmul(&w2t)?;
+            drop(a);
+            if let Some(b2) = m.b2 {
+                yc = add_bias_rows(yc, b2.tensor())?;
+            }
+            let yc = yc.reshape(xc.shape())?;
+            if in_place {
+                put_chunk(&y, first, &yc, true)?;
+            } else {
+                put_chunk(&y, first, &(yc + &xc)?, false)?;
+            }
+            crate::memory::check_budget()?;
+        }
+        let cn = cn.finish(self, norm.gamma.is_some(), norm.beta.is_some())?;
+        let cx = self.finish_save_rows(n_rows)?;
+        let ch = self.finish_save_rows(h_rows)?;
+        let ca = self.finish_save_rows(a_rows)?;
+        let cw2 = self.save("linear", m.w2, SaveAs::Activation)?;
+        let (has_b1, has_b2, approx) = (m.b1.is_some(), m.b2.is_some(), m.approx);
+        let (has_g, has_be) = (norm.gamma.is_some(), norm.beta.is_some());
+        let mut inputs = vec![&x];
+        inputs.extend(norm.gamma);
+        inputs.extend(norm.beta);
+        inputs.push(m.w1);
+        inputs.extend(m.b1);
+        inputs.push(m.w2);
+        inputs.extend(m.b2);
+        self.record_grad(OP, &inputs, y, move |g, _needs| {
+            let ctx = Contexts {
+                x: Some(cx),
+                w1: Some(cw1),
+                h: ch,
+                a: Some(ca),
+                w2: Some(cw2),
+            };
+            let want = Wanted([true, true, has_b1, true, has_b2]);
+            let sizes = Sizes {
+                b,
+                per,
+                in_f,
+                hidden,
+            };
+            // The residual stream's gradient is the output gradient plus the norm's input
+            // gradient, added into the output gradient's own buffer where it is owned.
+            let g_owned = g.is_owned();
+            let g = g.into_tensor();
+            let g2 = g.reshape((b * per, out_f))?;
+            let gx = if g_owned { g2.clone() } else { g2.copy()? };
+            let (mut gg, mut gb) = (None, None);
+            let grads = mlp_backward(&ctx, &g2, &want, &sizes, approx, |first, len, part| {
+                let part = cn.backward(first, len, &part, &mut gg, &mut gb)?;
+                put_chunk(&gx, first * per, &part, true)
+            })?;
+            drop((g, g2));
+            let [gw1, gb1, gw2, gb2] = grads;
+            let mut out = vec![Some(gx.reshape(dims.as_slice())?)];
+            if has_g {
+                out.push(gg);
+            }
+            if has_be {
+                out.push(gb);
+            }
+            out.push(gw1);
+            if has_b1 {
+                out.push(gb1);
+            }
+            out.push(gw2);
+            if has_b2 {
+                out.push(gb2);
+            }
+            // New tensors, or the owned output gradient itself.
+            Ok(out.into_iter().map(|t| t.map(Grad::owned)).collect())
+        })
     }
 
     fn mlp_with(&mut self, x: Value, m: &Mlp, residual: Option<Value>) -> Result<Value> {
@@ -202,17 +348,31 @@ impl Tape {
                 in_f,
                 hidden,
             };
-            let mut grads = mlp_backward(&ctx, &g2, &want, &sizes, approx)?;
-            if let Some(gx) = grads[0].take() {
-                grads[0] = Some(gx.reshape(&x_shape)?);
-            }
-            let mut out = vec![grads[0].take(), grads[1].take()];
+            let gx = if want.0[0] {
+                Some(Tensor::zeros((b * per, in_f), g2.dtype(), g2.device())?)
+            } else {
+                None
+            };
+            let grads = mlp_backward(
+                &ctx,
+                &g2,
+                &want,
+                &sizes,
+                approx,
+                |first, _, part| match &gx {
+                    Some(gx) => Ok(gx.slice_set(&part, 0, first * per)?),
+                    None => Ok(()),
+                },
+            )?;
+            let [gw1, gb1, gw2, gb2] = grads;
+            let gx = gx.map(|t| t.reshape(&x_shape)).transpose()?;
+            let mut out = vec![gx, gw1];
             if has_b1 {
-                out.push(grads[2].take());
+                out.push(gb1);
             }
-            out.push(grads[3].take());
+            out.push(gw2);
             if has_b2 {
-                out.push(grads[4].take());
+                out.push(gb2);
             }
             drop(g2);
             // Every gradient is a new tensor (a matmul result or a buffer filled by chunks).
@@ -272,21 +432,19 @@ struct Sizes {
     hidden: usize,
 }
 
-/// The gradients `[x, w1, b1, w2, b2]` (each where wanted), chunk by chunk over the batch.
+/// The gradients `[w1, b1, w2, b2]` (each where wanted), chunk by chunk over the batch; the
+/// input gradient of samples `first..first + len` (`[len * per, in]`), where wanted, goes to
+/// `input_grad(first, len, rows)` as each chunk is done.
 fn mlp_backward(
     c: &Contexts,
     g2: &Tensor,
     want: &Wanted,
     s: &Sizes,
     approx: GeluApprox,
-) -> Result<[Option<Tensor>; 5]> {
+    mut input_grad: impl FnMut(usize, usize, Tensor) -> Result<()>,
+) -> Result<[Option<Tensor>; 4]> {
     let [_, _, _, w_w2, w_b2] = want.0;
-    let (dt, dev) = (g2.dtype(), g2.device().clone());
-    let gx = if want.0[0] {
-        Some(Tensor::zeros((s.b * s.per, s.in_f), dt, &dev)?)
-    } else {
-        None
-    };
+    let dt = g2.dtype();
     let (mut gw1, mut gb1, mut gw2, mut gb2) = (None, None, None, None);
     let w1 = match &c.w1 {
         Some(w) => Some(w.load()?),
@@ -330,12 +488,12 @@ fn mlp_backward(
         if want.0[2] {
             accumulate(&mut gb1, gh.sum(0)?)?;
         }
-        if let Some(gx) = &gx {
+        if want.0[0] {
             let Some(w1) = &w1 else {
                 bail!("mlp: w1 was not saved but the input gradient is wanted");
             };
-            gx.slice_set(&gh.matmul(w1)?, 0, first * s.per)?;
+            input_grad(first, len, gh.matmul(w1)?)?;
         }
     }
-    Ok([gx, gw1, gb1, gw2, gb2])
+    Ok([gw1, gb1, gw2, gb2])
 }

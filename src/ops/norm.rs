@@ -14,7 +14,7 @@
 //! input gradient into the output gradient's buffer when the tape hands that over as owned,
 //! so it holds one layer-sized tensor and a chunk rather than three layer-sized tensors.
 
-use crate::tape::{Grad, SaveAs, Tape, Value};
+use crate::tape::{Grad, RowSave, SaveAs, Saved, Tape, Value};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Layout, Storage, Tensor, WithDType};
 use rayon::prelude::*;
@@ -744,6 +744,185 @@ fn row_backward_kernel<T: WithDType>(
         gg.map(|v| vec_tensor(v, &[d])).transpose()?,
         gb.map(|v| vec_tensor(v, &[d])).transpose()?,
     ))
+}
+
+/// Layer norm over the last dim of `x` (any leading dims): `(y, mean, rstd)` with `y` shaped
+/// like `x` and the statistics `[rows, 1]`, by the same kernels as [`Tape::layer_norm`].
+pub(crate) fn layer_norm_rows(
+    x: &Tensor,
+    gamma: Option<&Tensor>,
+    beta: Option<&Tensor>,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = x.dims().last().copied().unwrap_or(1).max(1);
+    let rows = x.elem_count() / d;
+    let mut ts = vec![x];
+    ts.extend(gamma);
+    ts.extend(beta);
+    if use_kernel(&ts) {
+        by_dtype!(
+            x.dtype(),
+            row_forward_kernel,
+            x,
+            gamma,
+            beta,
+            (rows, d),
+            eps,
+            true
+        )
+    } else {
+        row_forward_generic(x, gamma, beta, (rows, d), eps, true)
+    }
+}
+
+/// The backward of [`layer_norm_rows`] for `g: [rows, d]` and the saved `x: [rows, d]`,
+/// `mean`, `rstd: [rows, 1]`: the gradients of `x`, `gamma` and `beta` where `want`ed.
+pub(crate) fn layer_norm_rows_backward(
+    g: &Tensor,
+    x: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    gamma: Option<&Tensor>,
+    want: [bool; 3],
+) -> Result<Grads3> {
+    let d = g.dims().last().copied().unwrap_or(1).max(1);
+    let xs = Some((x, mean, rstd));
+    let mut ts = vec![g, x, mean, rstd];
+    ts.extend(gamma);
+    if use_kernel(&ts) {
+        by_dtype!(g.dtype(), row_backward_kernel, g, xs, gamma, d, true, want)
+    } else {
+        row_backward_generic(g, xs, gamma, d, true, want)
+    }
+}
+
+/// The layer norm in front of a residual branch (a pre-norm transformer block), by reference:
+/// `gamma`, `beta: [d]`.
+#[derive(Clone, Copy)]
+pub struct PreNorm<'a> {
+    pub gamma: Option<&'a Value>,
+    pub beta: Option<&'a Value>,
+    pub eps: f64,
+}
+
+/// A pre-norm computed chunk by chunk inside a fused branch ([`Tape::mlp_residual`],
+/// [`Tape::multi_head_attention_residual`] with a norm): it saves what [`Tape::layer_norm`]
+/// saves, in the same order (`x`, mean, rstd, gamma), the statistics a chunk at a time.
+pub(crate) struct ChunkNorm {
+    gamma: Option<Tensor>,
+    beta: Option<Tensor>,
+    eps: f64,
+    cx: Saved,
+    mean: RowSave,
+    rstd: RowSave,
+    /// `gamma` by reference, held like `layer_norm`'s node holds it (so a later save of the
+    /// same parameter is logged as shared, as it is for the composed op).
+    cg: Option<Saved>,
+    /// Rows (tokens) per sample.
+    per: usize,
+}
+
+/// What a [`ChunkNorm`] saved, for the branch's backward.
+pub(crate) struct ChunkNormCtx {
+    gamma: Option<Tensor>,
+    cx: Saved,
+    mean: Saved,
+    rstd: Saved,
+    _cg: Option<Saved>,
+    per: usize,
+    d: usize,
+    want_gamma: bool,
+    want_beta: bool,
+}
+
+impl ChunkNorm {
+    /// Saves the norm's input `x: [B, .., d]` and begins its statistics.
+    pub(crate) fn begin(tape: &mut Tape, x: &Value, n: &PreNorm) -> Result<Self> {
+        const OP: &str = "layer_norm";
+        let d = x.dims().last().copied().unwrap_or(1).max(1);
+        let rows = x.tensor().elem_count() / d;
+        let per = rows / x.dims().first().copied().unwrap_or(1).max(1);
+        let (dt, dev) = (x.dtype(), x.tensor().device().clone());
+        let cx = tape.save(OP, x, SaveAs::Activation)?;
+        let mean = tape.begin_save_rows(OP, &[rows, 1], dt, &dev, SaveAs::Exact)?;
+        let rstd = tape.begin_save_rows(OP, &[rows, 1], dt, &dev, SaveAs::Exact)?;
+        let cg = match n.gamma {
+            Some(g) => Some(tape.save(OP, g, SaveAs::Activation)?),
+            None => None,
+        };
+        Ok(Self {
+            cg,
+            gamma: n.gamma.map(|g| g.tensor().clone()),
+            beta: n.beta.map(|b| b.tensor().clone()),
+            eps: n.eps,
+            cx,
+            mean,
+            rstd,
+            per,
+        })
+    }
+
+    /// The norm of samples `first..first + x.dims()[0]` of the input (`x` those rows).
+    pub(crate) fn forward(&mut self, first: usize, x: &Tensor) -> Result<Tensor> {
+        let (y, mean, rstd) =
+            layer_norm_rows(x, self.gamma.as_ref(), self.beta.as_ref(), self.eps)?;
+        self.mean.push(first * self.per, &mean)?;
+        self.rstd.push(first * self.per, &rstd)?;
+        Ok(y)
+    }
+
+    /// Whether the saved input is the input tensor itself (then it must not be overwritten).
+    pub(crate) fn keeps_input_as_is(&self) -> bool {
+        self.cx.stored_as_is()
+    }
+
+    pub(crate) fn finish(
+        self,
+        tape: &mut Tape,
+        want_gamma: bool,
+        want_beta: bool,
+    ) -> Result<ChunkNormCtx> {
+        let d = self.cx.shape().dims().last().copied().unwrap_or(1).max(1);
+        Ok(ChunkNormCtx {
+            gamma: self.gamma,
+            cx: self.cx,
+            mean: tape.finish_save_rows(self.mean)?,
+            rstd: tape.finish_save_rows(self.rstd)?,
+            _cg: self.cg,
+            per: self.per,
+            d,
+            want_gamma,
+            want_beta,
+        })
+    }
+}
+
+impl ChunkNormCtx {
+    /// The input gradient of samples `first..first + len` from the gradient `g` (`[rows, d]`)
+    /// of their normalised rows; the parameter gradients are summed into `gg`, `gb`.
+    pub(crate) fn backward(
+        &self,
+        first: usize,
+        len: usize,
+        g: &Tensor,
+        gg: &mut Option<Tensor>,
+        gb: &mut Option<Tensor>,
+    ) -> Result<Tensor> {
+        let n = len * self.per;
+        let x = self.cx.load_rows(first, len)?.reshape((n, self.d))?;
+        let mean = self.mean.load()?.narrow(0, first * self.per, n)?;
+        let rstd = self.rstd.load()?.narrow(0, first * self.per, n)?;
+        let want = [true, self.want_gamma, self.want_beta];
+        let (gx, ggc, gbc) =
+            layer_norm_rows_backward(g, &x, &mean, &rstd, self.gamma.as_ref(), want)?;
+        if let Some(p) = ggc {
+            super::accumulate(gg, p)?;
+        }
+        if let Some(p) = gbc {
+            super::accumulate(gb, p)?;
+        }
+        gx.ok_or_else(|| anyhow::anyhow!("layer_norm: no input gradient"))
+    }
 }
 
 impl Tape {

@@ -352,7 +352,7 @@ impl Tape {
     pub fn save(&mut self, op: &'static str, value: &Value, kind: SaveAs) -> Result<Saved> {
         let key = (value.id, kind.tag());
         if let Some(entry) = self.dedup.get(&key).and_then(Weak::upgrade) {
-            self.records.push(ContextRecord {
+            self.push_record(ContextRecord {
                 slot: self.slot,
                 scope: self.scope.clone(),
                 op,
@@ -491,7 +491,7 @@ impl Tape {
             }
             Packed::Compressed(c) => (c.label(), c.bits(), c.stored_bytes()),
         };
-        self.records.push(ContextRecord {
+        self.push_record(ContextRecord {
             slot,
             scope: self.scope.clone(),
             op,
@@ -610,9 +610,32 @@ impl Tape {
         })
     }
 
+    /// Adds a line to the context log in slot order: a context saved in rows is logged when
+    /// it is finished, after saves that took later slots, and goes back to its place.
+    fn push_record(&mut self, rec: ContextRecord) {
+        let at = self.records.partition_point(|r| r.slot <= rec.slot);
+        self.records.insert(at, rec);
+    }
+
+    /// Logs that an op reads a context another op of this step already saved (a fused op
+    /// reusing a tensor it saved in rows: what [`Tape::save`] logs for a deduplicated save).
+    pub(crate) fn note_shared(&mut self, op: &'static str, shape: &[usize]) {
+        self.push_record(ContextRecord {
+            slot: self.slot,
+            scope: self.scope.clone(),
+            op,
+            repr: "shared".into(),
+            shape: shape.to_vec(),
+            bits: 0.0,
+            stored_bytes: 0,
+            uncompressed_bytes: 0,
+            shared: true,
+        });
+    }
+
     /// Logs a context that costs no tensor storage (a dropout seed, a shape) so reports show it.
     pub fn note_context(&mut self, op: &'static str, repr: &str, shape: &[usize]) {
-        self.records.push(ContextRecord {
+        self.push_record(ContextRecord {
             slot: self.slot,
             scope: self.scope.clone(),
             op,
