@@ -20,7 +20,7 @@ use super::activation::{
 };
 use super::norm::{ChunkNorm, PreNorm};
 use super::{accumulate, fused_chunk_rows_for, put_chunk, row_chunks};
-use crate::tape::{Grad, SaveAs, Saved, Tape, Value};
+use crate::tape::{Grad, RowSave, SaveAs, Saved, Tape, Value};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -117,22 +117,10 @@ impl Tape {
             let xc = x.tensor().narrow(0, first, len)?;
             let n = cn.forward(first, &xc)?;
             n_rows.push(first, &n)?;
-            let mut h = n.reshape((rows, in_f))?.matmul(&w1t)?;
+            let n = n.reshape((rows, in_f))?;
+            let saves = (&mut h_rows, Some(&mut a_rows));
+            let yc = chunk_forward(&n, m, (&w1t, &w2t), &hid_dims, first, len, saves)?;
             drop(n);
-            if let Some(b1) = m.b1 {
-                h = add_bias_rows(h, b1.tensor())?;
-            }
-            let mut chunk_dims = hid_dims.clone();
-            chunk_dims[0] = len;
-            let h = h.reshape(chunk_dims.as_slice())?;
-            h_rows.push(first, &h)?;
-            let a = gelu_owned(h, m.approx)?;
-            a_rows.push(first, &a)?;
-            let mut yc = a.reshape((rows, hidden))?.matmul(&w2t)?;
-            drop(a);
-            if let Some(b2) = m.b2 {
-                yc = add_bias_rows(yc, b2.tensor())?;
-            }
             let yc = yc.reshape(xc.shape())?;
             if in_place {
                 put_chunk(&y, first, &yc, true)?;
@@ -294,25 +282,9 @@ impl Tape {
         for (first, len) in row_chunks(b, chunk) {
             let rows = len * per;
             let xc = x.tensor().narrow(0, first, len)?.reshape((rows, in_f))?;
-            let mut h = xc.matmul(&w1t)?;
+            let saves = (&mut h_rows, a_rows.as_mut());
+            let yc = chunk_forward(&xc, m, (&w1t, &w2t), &hid_dims, first, len, saves)?;
             drop(xc);
-            if let Some(b1) = m.b1 {
-                h = add_bias_rows(h, b1.tensor())?;
-            }
-            let mut chunk_dims = hid_dims.clone();
-            chunk_dims[0] = len;
-            let h = h.reshape(chunk_dims.as_slice())?;
-            h_rows.push(first, &h)?;
-            // The chunk's h is in its context now: GELU overwrites it.
-            let a = gelu_owned(h, m.approx)?;
-            if let Some(rows_a) = a_rows.as_mut() {
-                rows_a.push(first, &a)?;
-            }
-            let mut yc = a.reshape((rows, hidden))?.matmul(&w2t)?;
-            drop(a);
-            if let Some(b2) = m.b2 {
-                yc = add_bias_rows(yc, b2.tensor())?;
-            }
             let mut y_dims = out_dims.clone();
             y_dims[0] = len;
             put_chunk(&y, first, &yc.reshape(y_dims)?, residual.is_some())?;
@@ -393,6 +365,42 @@ impl Tape {
             None => Ok(out),
         }
     }
+}
+
+/// The MLP's forward over one chunk, samples `first..first + len` (`x: [rows, in]`): saves
+/// the chunk's GELU input into `h_rows` and its output into `a_rows` (when the second layer's
+/// input is kept) and returns the chunk's output `[rows, out]`. `hid_dims` is the whole
+/// hidden tensor's shape.
+fn chunk_forward(
+    x: &Tensor,
+    m: &Mlp,
+    (w1t, w2t): (&Tensor, &Tensor),
+    hid_dims: &[usize],
+    first: usize,
+    len: usize,
+    (h_rows, a_rows): (&mut RowSave, Option<&mut RowSave>),
+) -> Result<Tensor> {
+    let rows = x.dims()[0];
+    let mut h = x.matmul(w1t)?;
+    if let Some(b1) = m.b1 {
+        h = add_bias_rows(h, b1.tensor())?;
+    }
+    let mut chunk_dims = hid_dims.to_vec();
+    chunk_dims[0] = len;
+    let h = h.reshape(chunk_dims.as_slice())?;
+    h_rows.push(first, &h)?;
+    // The chunk's h is in its context now: GELU overwrites it.
+    let a = gelu_owned(h, m.approx)?;
+    if let Some(rows_a) = a_rows {
+        rows_a.push(first, &a)?;
+    }
+    let hidden = hid_dims.last().copied().unwrap_or(1);
+    let mut y = a.reshape((rows, hidden))?.matmul(w2t)?;
+    drop(a);
+    if let Some(b2) = m.b2 {
+        y = add_bias_rows(y, b2.tensor())?;
+    }
+    Ok(y)
 }
 
 /// What the MLP saved (see [`Tape::mlp`]).
