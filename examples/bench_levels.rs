@@ -32,7 +32,10 @@ fn main() -> Result<()> {
     // for gpt-char), predicted per position.
     let vocab: Option<usize> = match arg("--vocab", "") {
         v if v.is_empty() => None,
-        v => Some(v.parse()?),
+        v => Some(
+            v.parse()
+                .map_err(|e| anyhow::anyhow!("--vocab {v}: expected a number of tokens ({e})"))?,
+        ),
     };
     let spec = InputSpec {
         sample_shape: shape,

@@ -323,13 +323,13 @@ impl Tape {
                         && r.dtype() == x.dtype()
                         && self.may_overwrite(&r, None) =>
                 {
-                    self.mha_in_chunks(&x, m, Some(r))
+                    self.mha_chunks(&x, m, Some(r), None)
                 }
                 Some(r) => {
-                    let y = self.mha_in_chunks(&x, m, None)?;
+                    let y = self.mha_chunks(&x, m, None, None)?;
                     self.add_owned(y, &r)
                 }
-                None => self.mha_in_chunks(&x, m, None),
+                None => self.mha_chunks(&x, m, None, None),
             };
         }
         let split = |tape: &mut Tape, w: &Value, bias: Option<&Value>| -> Result<Value> {
@@ -383,24 +383,6 @@ fn project(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 }
 
 impl Tape {
-    /// Multi-head attention as one node run in batch chunks (see
-    /// [`Tape::multi_head_attention_owned`] for when): the projections, scores, softmax and
-    /// output of a few samples at a time, each chunk's `q`, `k`, `v`, `P` and merged heads
-    /// quantized into their contexts as they are made ([`Tape::begin_save_rows`]), and in
-    /// backward the gradient carried through the output projection, the attention and the
-    /// three input projections a chunk at a time. So neither the whole batch's `q`, `k`, `v`
-    /// (three tensors the size of `x`) nor its score-sized tensors ever exist; in backward
-    /// neither do their gradients. The contexts (slots, shapes, codes) are exactly those of
-    /// the composed ops.
-    fn mha_in_chunks(
-        &mut self,
-        x: &Value,
-        m: &MultiHeadAttention,
-        residual: Option<Value>,
-    ) -> Result<Value> {
-        self.mha_chunks(x, m, residual, None)
-    }
-
     /// `x + multi_head_attention(layer_norm(x))`, the first half of a pre-norm transformer
     /// block, `x` handed over. Fused, the norm runs a chunk at a time too (saving what
     /// `layer_norm` saves), so neither the normalised tensor nor the attention output ever
@@ -445,8 +427,16 @@ impl Tape {
         self.mha_chunks(&x, m, None, Some(norm))
     }
 
-    /// The fused attention: of `x` itself, or with `norm` of `layer_norm(x)` plus `x` (the
-    /// residual stream); with `residual`, plus that.
+    /// Multi-head attention as one node run in batch chunks, of `x` itself or, with `norm`, of
+    /// `layer_norm(x)` plus `x` (the residual stream), and plus `residual` when given (see
+    /// [`Tape::multi_head_attention_owned`] for when): the projections, scores, softmax and
+    /// output of a few samples at a time, each chunk's `q`, `k`, `v`, `P` and merged heads
+    /// quantized into their contexts as they are made ([`Tape::begin_save_rows`]), and in
+    /// backward the gradient carried through the output projection, the attention and the
+    /// three input projections a chunk at a time. So neither the whole batch's `q`, `k`, `v`
+    /// (three tensors the size of `x`) nor its score-sized tensors ever exist; in backward
+    /// neither do their gradients. The contexts (slots, shapes, codes) are exactly those of
+    /// the composed ops.
     fn mha_chunks(
         &mut self,
         x: &Value,

@@ -746,13 +746,15 @@ fn row_backward_kernel<T: WithDType>(
     ))
 }
 
-/// Layer norm over the last dim of `x` (any leading dims): `(y, mean, rstd)` with `y` shaped
-/// like `x` and the statistics `[rows, 1]`, by the same kernels as [`Tape::layer_norm`].
-pub(crate) fn layer_norm_rows(
+/// Layer norm (`center`) or RMS norm over the last dim of `x` (any leading dims):
+/// `(y, mean, rstd)` with `y` shaped like `x` and the statistics `[rows, 1]` (mean all zero
+/// for RMS), on the CPU kernels where they apply, candle ops elsewhere.
+pub(crate) fn norm_rows(
     x: &Tensor,
     gamma: Option<&Tensor>,
     beta: Option<&Tensor>,
     eps: f64,
+    center: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let d = x.dims().last().copied().unwrap_or(1).max(1);
     let rows = x.elem_count() / d;
@@ -768,31 +770,42 @@ pub(crate) fn layer_norm_rows(
             beta,
             (rows, d),
             eps,
-            true
+            center
         )
     } else {
-        row_forward_generic(x, gamma, beta, (rows, d), eps, true)
+        row_forward_generic(x, gamma, beta, (rows, d), eps, center)
     }
 }
 
-/// The backward of [`layer_norm_rows`] for `g: [rows, d]` and the saved `x: [rows, d]`,
-/// `mean`, `rstd: [rows, 1]`: the gradients of `x`, `gamma` and `beta` where `want`ed.
-pub(crate) fn layer_norm_rows_backward(
+/// The backward of [`norm_rows`] for `g: [rows, d]` and, where kept, the saved
+/// `(x: [rows, d], mean, rstd: [rows, 1])`: the gradients of `x`, `gamma` and `beta` where
+/// `want`ed.
+pub(crate) fn norm_rows_backward(
     g: &Tensor,
-    x: &Tensor,
-    mean: &Tensor,
-    rstd: &Tensor,
+    xs: Option<(&Tensor, &Tensor, &Tensor)>,
     gamma: Option<&Tensor>,
+    center: bool,
     want: [bool; 3],
 ) -> Result<Grads3> {
     let d = g.dims().last().copied().unwrap_or(1).max(1);
-    let xs = Some((x, mean, rstd));
-    let mut ts = vec![g, x, mean, rstd];
+    let mut ts = vec![g];
+    if let Some((a, b, c)) = xs {
+        ts.extend([a, b, c]);
+    }
     ts.extend(gamma);
     if use_kernel(&ts) {
-        by_dtype!(g.dtype(), row_backward_kernel, g, xs, gamma, d, true, want)
+        by_dtype!(
+            g.dtype(),
+            row_backward_kernel,
+            g,
+            xs,
+            gamma,
+            d,
+            center,
+            want
+        )
     } else {
-        row_backward_generic(g, xs, gamma, d, true, want)
+        row_backward_generic(g, xs, gamma, d, center, want)
     }
 }
 
@@ -865,7 +878,7 @@ impl ChunkNorm {
     /// The norm of samples `first..first + x.dims()[0]` of the input (`x` those rows).
     pub(crate) fn forward(&mut self, first: usize, x: &Tensor) -> Result<Tensor> {
         let (y, mean, rstd) =
-            layer_norm_rows(x, self.gamma.as_ref(), self.beta.as_ref(), self.eps)?;
+            norm_rows(x, self.gamma.as_ref(), self.beta.as_ref(), self.eps, true)?;
         self.mean.push(first * self.per, &mean)?;
         self.rstd.push(first * self.per, &rstd)?;
         Ok(y)
@@ -913,8 +926,8 @@ impl ChunkNormCtx {
         let mean = self.mean.load()?.narrow(0, first * self.per, n)?;
         let rstd = self.rstd.load()?.narrow(0, first * self.per, n)?;
         let want = [true, self.want_gamma, self.want_beta];
-        let (gx, ggc, gbc) =
-            layer_norm_rows_backward(g, &x, &mean, &rstd, self.gamma.as_ref(), want)?;
+        let xs = Some((&x, &mean, &rstd));
+        let (gx, ggc, gbc) = norm_rows_backward(g, xs, self.gamma.as_ref(), true, want)?;
         if let Some(p) = ggc {
             super::accumulate(gg, p)?;
         }
@@ -1177,23 +1190,7 @@ impl Tape {
         }
         let dims = x.dims().to_vec();
         let (gt, bt) = (gamma.map(|g| g.tensor()), beta.map(|b| b.tensor()));
-        let mut ts = vec![x.tensor()];
-        ts.extend(gt);
-        ts.extend(bt);
-        let (y, mean, rstd) = if use_kernel(&ts) {
-            by_dtype!(
-                x.dtype(),
-                row_forward_kernel,
-                x.tensor(),
-                gt,
-                bt,
-                (rows, d),
-                eps,
-                center
-            )?
-        } else {
-            row_forward_generic(x.tensor(), gt, bt, (rows, d), eps, center)?
-        };
+        let (y, mean, rstd) = norm_rows(x.tensor(), gt, bt, eps, center)?;
         let mut inputs = vec![x];
         inputs.extend(gamma);
         inputs.extend(beta);
@@ -1261,25 +1258,7 @@ impl Tape {
                     (Some(x), Some((m, r))) => Some((x, m, r)),
                     _ => None,
                 };
-                let mut ts = vec![&g2];
-                if let Some((a, b, c)) = xs {
-                    ts.extend([a, b, c]);
-                }
-                ts.extend(gamma.as_ref());
-                if use_kernel(&ts) {
-                    by_dtype!(
-                        g2.dtype(),
-                        row_backward_kernel,
-                        &g2,
-                        xs,
-                        gamma.as_ref(),
-                        d,
-                        center,
-                        want
-                    )
-                } else {
-                    row_backward_generic(&g2, xs, gamma.as_ref(), d, center, want)
-                }
+                norm_rows_backward(&g2, xs, gamma.as_ref(), center, want)
             };
             // A compressed input is read a chunk of samples at a time, and the input gradient
             // goes into the rows of an owned output gradient as each chunk is done: no whole
