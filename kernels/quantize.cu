@@ -95,12 +95,20 @@ __device__ bool group_params(float mn, float mx, float levels, u16* mn_out, u16*
     if (s_bits > BF16_MAX_BITS) {
         s_bits = BF16_MAX_BITS;
     }
-    while (s_bits > 0 && __fmul_rn(__fsub_rn(mx, mn_f), bf16_to_f32(s_bits)) > levels) {
+    while (s_bits > 0 && __fmul_rn(r, bf16_to_f32(s_bits)) > levels) {
         s_bits = (u16)(s_bits - 1);
     }
-    float top = __fadd_rn(__fdiv_rn(levels, bf16_to_f32(s_bits)), mn_f);
-    if (s_bits == 0 || !is_finite_f(top)) {
+    // top = levels / s + mn_f is finite whenever s >= 2^-118 (bf16 exponent field >= 9: levels
+    // < 2^8, so the quotient is < 2^126) and |mn_f| < 2^126 (exponent field <= 252), so the
+    // division (a long dependent chain on the group's critical path) runs only outside that.
+    if (s_bits == 0) {
         return false;
+    }
+    if (((s_bits >> 7) & 0xFFu) < 9u || ((mn_b >> 7) & 0xFFu) > 252u) {
+        const float top = __fadd_rn(__fdiv_rn(levels, bf16_to_f32(s_bits)), mn_f);
+        if (!is_finite_f(top)) {
+            return false;
+        }
     }
     *mn_out = mn_b;
     *s_out = s_bits;
@@ -134,9 +142,25 @@ __device__ __forceinline__ u32 fast_div(u32 n, u32 m, u32 l) {
     return (t + ((n - t) >> s1)) >> s2;
 }
 
-// The 24-bit uniform fields of a pair hash (src/compress/rng.rs): even element, odd element.
-__device__ __forceinline__ u32 even24(u64 h) { return (u32)(h >> 40); }
-__device__ __forceinline__ u32 odd24(u64 h) { return ((u32)h >> 8) & 0xFFFFFFu; }
+// A pair hash's two 24-bit uniform fields (src/compress/rng.rs: even element h >> 40, odd
+// element (h >> 8) & 0xFFFFFF), each shifted left by 8, straight from mix64's last product z2
+// (h = z2 ^ (z2 >> 31)): the xor changes bits 8..31 of h's high word not at all and those of its
+// low word by z2_hi << 1, so the final shift, the xor and the field extraction fold into one
+// masked xor. r << 8 has at most 24 significant bits: as a float it is exact, and times 2^-32
+// it is exactly the CPU's r * 2^-24.
+struct Fields8 {
+    u32 even, odd;
+};
+__device__ __forceinline__ Fields8 mix64_fields8(u64 z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    const u32 lo = (u32)z;
+    const u32 hi = (u32)(z >> 32);
+    Fields8 f;
+    f.even = hi & 0xFFFFFF00u;
+    f.odd = (lo ^ (hi << 1)) & 0xFFFFFF00u;
+    return f;
+}
 
 // Four consecutive f32 at p, `avail` (>= 1) of them inside the group. The others are padded
 // with v[0] (PAD_FIRST: neutral for min / max) or with `pad` (the group's min: t = 0, code 0,
@@ -174,16 +198,17 @@ __device__ __forceinline__ float max4(float4 a) {
     return max_nan(max_nan(a.x, a.y), max_nan(a.z, a.w));
 }
 
-// Stochastic rounding of one element with 24-bit noise r (u = r * 2^-24), the CPU's
+// Stochastic rounding of one element with 24-bit noise r, given as r8 = r << 8
+// (u = r8 * 2^-32 = r * 2^-24), the CPU's
 // `floor(t) + (u < t - floor(t))`. t is in [0, levels] (group_params guarantees it; the CPU's
 // clamp never fires, so none here). floor: t + 2^23 rounded toward zero is 2^23 + floor(t)
 // exactly (0 <= t <= 255), whose low mantissa bits are the integer; fl and t - fl are exact,
 // so the comparison is the CPU's bit for bit (t = -0 gives code 0 on both).
-__device__ __forceinline__ u32 sr_code(float v, u32 r, float mn, float s) {
+__device__ __forceinline__ u32 sr_code(float v, u32 r8, float mn, float s) {
     const float t = __fmul_rn(__fsub_rn(v, mn), s);
     const float big = __fadd_rz(t, MAGIC23);
     const float fl = __fsub_rn(big, MAGIC23);
-    const float u = __fmul_rn(__uint2float_rn(r), 5.9604644775390625e-8f);
+    const float u = __fmul_rn(__uint2float_rn(r8), 2.3283064365386962890625e-10f);
     return (__float_as_uint(big) - 0x4B000000u) + (u < __fsub_rn(t, fl) ? 1u : 0u);
 }
 
@@ -192,20 +217,20 @@ __device__ __forceinline__ u32 sr_code(float v, u32 r, float mn, float s) {
 // odd one.
 template <int BITS>
 __device__ __forceinline__ u32 encode_quad(float4 v, u64 z, bool odd, float mn, float s) {
-    const u64 h0 = mix64(z);
-    const u64 h1 = mix64(z + GAMMA);
+    const Fields8 h0 = mix64_fields8(z);
+    const Fields8 h1 = mix64_fields8(z + GAMMA);
     u32 r0, r1, r2, r3;
     if (!odd) {
-        r0 = even24(h0);
-        r1 = odd24(h0);
-        r2 = even24(h1);
-        r3 = odd24(h1);
+        r0 = h0.even;
+        r1 = h0.odd;
+        r2 = h1.even;
+        r3 = h1.odd;
     } else {
-        const u64 h2 = mix64(z + 2ULL * GAMMA);
-        r0 = odd24(h0);
-        r1 = even24(h1);
-        r2 = odd24(h1);
-        r3 = even24(h2);
+        const Fields8 h2 = mix64_fields8(z + 2ULL * GAMMA);
+        r0 = h0.odd;
+        r1 = h1.even;
+        r2 = h1.odd;
+        r3 = h2.even;
     }
     return sr_code(v.x, r0, mn, s) | (sr_code(v.y, r1, mn, s) << BITS) |
            (sr_code(v.z, r2, mn, s) << (2 * BITS)) | (sr_code(v.w, r3, mn, s) << (3 * BITS));
@@ -266,10 +291,12 @@ __device__ __forceinline__ void store_quad(u8* __restrict__ dg, size_t da, u32 q
 //
 // Work split: a "team" of T lanes per group, T = the power of two >= group / (4 QPL) (the
 // group's quads / QPL), at least 2, at most 32, so a warp runs 32 / T groups side by side
-// (QPL 4: group 256 -> T = 16, two groups per warp; T = 32 from group 512 up; groups 8..32 ->
-// T = 2. QPL 2: group 256 -> T = 32).
-// The per-group work (index math, butterfly, group_params: ~260 warp instructions) is SIMT
-// across the warp's groups, so 4 quads per lane halve its cost per element against 2.
+// (QPL 8: group 256 -> T = 8, four groups per warp; T = 32 from group 1024 up; groups 8..64 ->
+// T = 2. QPL 4: group 256 -> T = 16).
+// The per-group work (index math, butterfly, group_params: a few hundred warp instructions, a
+// long dependent chain) is SIMT across the warp's groups, so it costs per element in inverse
+// proportion to QPL: on an H100 it weighed about one quad's coding per round, and 8 quads per
+// lane instead of 4 made the kernel 10-18% faster.
 // Lane tl of a team handles the quads (4 consecutive elements) tl, tl + T, ... of its group:
 // each round of a team is one contiguous 16*T-byte span (float4 loads when the group starts
 // 16-byte aligned; sample_len may be odd, so groups can start anywhere).
@@ -279,21 +306,18 @@ __device__ __forceinline__ void store_quad(u8* __restrict__ dg, size_t da, u32 q
 //   3. The lane codes its quads and stores 4*bits bits per quad with one store (a byte for
 //      bits 2, u16 for 4, u32 for 8; bits 1: two lanes' nibbles make a byte) when aligned, else
 //      byte by byte.
-// Fast path (team-uniform): group start 16-byte aligned, whole quads, at most QPL (4 or 2: the
+// Fast path (team-uniform): group start 16-byte aligned, whole quads, at most QPL (8 or 4: the
 // variant) quads per lane (every group <= 128 * QPL): the quads stay in registers between
-// steps 1 and 3, all loads issued before any math (QPL * 512 bytes in flight per warp; PIPE
-// variants issue the next group's during this one's math). Otherwise (larger groups, unaligned
-// starts, sample tails) step 3 re-reads the quads (L1/L2 hits).
+// steps 1 and 3, all loads issued before any math (QPL * 512 bytes in flight per warp).
+// Otherwise (larger groups, unaligned starts, sample tails) step 3 re-reads the quads (L1/L2
+// hits).
 // A lane's RNG counter advances by 2T pairs per round, so the only 64-bit multiplies per
 // element pair are inside mix64.
 
-// Variants (one templated body, one extern "C" entry each; src/compress/cuda.rs picks one by
-// name, `QUANTIZE_VARIANT`, and times any with `quantize_variant_kernel_ms`):
+// Variants (one templated body, extern "C" entries per variant and width; src/compress/cuda.rs
+// picks one by name, `QUANTIZE_VARIANT`, and times any with `quantize_variant_kernel_ms`):
 //   QPL  quads per lane of the register fast path (and the team size: T >= quads / QPL);
-//   OCT  bits 1 only (`qslot`): a lane holds whole octets, one byte store, no pair shuffle;
-//   PIPE software pipeline: the NEXT group's fast-path quads are loaded before this group's
-//        butterfly / group_params / coding, so a warp keeps its loads in flight across its own
-//        compute instead of relying on other warps (QPL more float4 registers).
+//   OCT  bits 1 only (`qslot`): a lane holds whole octets, one byte store, no pair shuffle.
 // Register / occupancy trade-offs are set per entry by __launch_bounds__.
 
 // Geometry of the team's group (n, k) (sample n, group k of it).
@@ -343,7 +367,7 @@ __device__ __forceinline__ void qload(const QGeo& ge, u32 tl, u32 T, float4 a[QP
     }
 }
 
-template <int BITS, u32 QPL, bool PIPE, bool OCT_ANY>
+template <int BITS, u32 QPL, bool OCT_ANY>
 __device__ __forceinline__ void quantize_impl(const float* __restrict__ x, u64 n_samples,
                                               u64 sample_len, u64 group, u64 key,
                                               u8* __restrict__ data, u16* __restrict__ mins,
@@ -377,9 +401,6 @@ __device__ __forceinline__ void quantize_impl(const float* __restrict__ x, u64 n
     const u64 sk = stride - sn * gps;
 
     float4 a[QPL];
-    if (PIPE) {
-        qload<QPL, OCT>(qgeo(x, g < total, n, k, sample_len, group, QPL * T), tl, T, a);
-    }
     for (u64 g0 = warp * tpw; g0 < total; g0 += stride) {  // warp-uniform trip count
         const bool live = g < total;                        // team-uniform
         const QGeo ge = qgeo(x, live, n, k, sample_len, group, QPL * T);
@@ -390,21 +411,7 @@ __device__ __forceinline__ void quantize_impl(const float* __restrict__ x, u64 n
         const float* xg = ge.xg;
         const u32 vec = ge.vec;
         const bool fast = ge.fast;  // team-uniform
-        if (!PIPE) {
-            qload<QPL, OCT>(ge, tl, T, a);  // all loads first
-        }
-        // The next group of the team (g + stride), and with PIPE its quads, loaded now.
-        u64 nn = n + sn;
-        u64 nk = k + sk;
-        if (nk >= gps) {
-            nk -= gps;
-            ++nn;
-        }
-        float4 b[QPL];
-        if (PIPE) {
-            qload<QPL, OCT>(qgeo(x, g + stride < total, nn, nk, sample_len, group, QPL * T), tl,
-                            T, b);
-        }
+        qload<QPL, OCT>(ge, tl, T, a);  // all loads first
 
         // 1. min, max (non-finite values propagate). Fast path (groups <= 128 * QPL, 16-byte
         //    aligned, whole quads): a lane holds at most QPL quads, kept in registers for step
@@ -428,12 +435,11 @@ __device__ __forceinline__ void quantize_impl(const float* __restrict__ x, u64 n
         }
 #pragma unroll
         for (u32 off = 1; off < 32u; off <<= 1) {  // dead teams' lanes hold (+inf, -inf)
-            // Branch-free (unrolled, predicated): rounds past the team shuffle but keep nothing.
-            const float omn = __shfl_xor_sync(FULL_MASK, mn, off);
-            const float omx = __shfl_xor_sync(FULL_MASK, mx, off);
+            // log2(T) rounds: T is the same in every lane of the warp, so the branch is uniform
+            // (no rounds past the team: each is two shuffles on the group's critical path).
             if (off < T) {
-                mn = min_nan(mn, omn);
-                mx = max_nan(mx, omx);
+                mn = min_nan(mn, __shfl_xor_sync(FULL_MASK, mn, off));
+                mx = max_nan(mx, __shfl_xor_sync(FULL_MASK, mx, off));
             }
         }
 
@@ -483,12 +489,14 @@ __device__ __forceinline__ void quantize_impl(const float* __restrict__ x, u64 n
             const bool odd = (index0 & 1) != 0;
             u64 z = key + ((index0 + 4 * tl) >> 1) * GAMMA;
             if (fast && OCT) {
-                // Quad q's counter: key + ((index0 + 4q) >> 1) * GAMMA = z0 + 2q * GAMMA.
-                const u64 z0 = key + (index0 >> 1) * GAMMA;
+                // Quad q's counter is key + ((index0 + 4q) >> 1) * GAMMA = z0 + 2q * GAMMA
+                // (z0: the group's first pair), and z = z0 + 2 tl * GAMMA: slot pair j / 2
+                // holds quad q0 = 2 (tl + (j / 2) T), so its counter starts at z + 2 tl * GAMMA
+                // and steps by 4T * GAMMA = 2 zstep (no multiply per octet).
+                u64 zq = z + (u64)(2u * tl) * GAMMA;
 #pragma unroll
-                for (u32 j = 0; j < QPL; j += 2) {
+                for (u32 j = 0; j < QPL; j += 2, zq += 2u * zstep) {
                     const u32 q0 = qslot<OCT>(tl, j, T);
-                    const u64 zq = z0 + (u64)(2u * q0) * GAMMA;
                     if (q0 < nq) {  // the octet's second quad may be past a tail group's end
                         const u32 c0 = encode_quad<BITS>(a[j], zq, odd, gmn, gs);
                         const u32 c1 = q0 + 1u < nq
@@ -521,61 +529,46 @@ __device__ __forceinline__ void quantize_impl(const float* __restrict__ x, u64 n
             }
         }
 
+        // The team's next group, g + stride.
         g += stride;
-        n = nn;
-        k = nk;
-        if (PIPE) {
-#pragma unroll
-            for (u32 j = 0; j < QPL; ++j) {
-                a[j] = b[j];
-            }
+        n += sn;
+        k += sk;
+        if (k >= gps) {
+            k -= gps;
+            ++n;
         }
     }
 }
 
-template <u32 QPL, bool PIPE, bool OCT>
-__device__ __forceinline__ void quantize_bits(const float* __restrict__ x, u64 n_samples,
-                                              u64 sample_len, u64 group, u32 bits, u64 key,
-                                              u8* __restrict__ data, u16* __restrict__ mins,
-                                              u16* __restrict__ scales, u64* __restrict__ err) {
-    switch (bits) {
-        case 1:
-            quantize_impl<1, QPL, PIPE, OCT>(x, n_samples, sample_len, group, key, data, mins,
-                                             scales, err);
-            break;
-        case 2:
-            quantize_impl<2, QPL, PIPE, OCT>(x, n_samples, sample_len, group, key, data, mins,
-                                             scales, err);
-            break;
-        case 4:
-            quantize_impl<4, QPL, PIPE, OCT>(x, n_samples, sample_len, group, key, data, mins,
-                                             scales, err);
-            break;
-        default:
-            quantize_impl<8, QPL, PIPE, OCT>(x, n_samples, sample_len, group, key, data, mins,
-                                             scales, err);
-            break;
-    }
-}
-
-// The entries (same arguments; the host's team size follows the variant's QPL):
-//   quantize_q4x  QPL 4, no pipeline, OCT slots at bits 1 (production);
-//   quantize_p4   QPL 4, pipelined, 2 blocks per SM guaranteed (up to 128 registers).
-// Measured on an H100, 2026-11-22 (64M elements, group 256, % of a device-to-device copy):
-// q4x 70/72/73/80% at 1/2/4/8 bits, p4 57/71/73/82%. Dropped after that run: q4 (= q4x but
-// 62% at 1 bit), p2 / p2x / p2o (QPL 2, pipelined, with and without a 64-register cap:
-// 47-61%).
-#define QUANTIZE_ENTRY(NAME, QPL, PIPE, OCT, BOUNDS)                                         \
-    extern "C" __global__ void BOUNDS NAME(                                                  \
-        const float* __restrict__ x, u64 n_samples, u64 sample_len, u64 group, u32 bits,     \
-        u64 key, u8* __restrict__ data, u16* __restrict__ mins, u16* __restrict__ scales,    \
+// The entries: one per variant and width (`quantize_<variant>_b<bits>`, same arguments), so
+// each width is allocated its own registers (one kernel switching over the widths gets the
+// worst width's: 123 registers at QPL 8, two resident blocks per SM, against 77-80 and three).
+// The host's team size follows the variant's QPL (src/compress/cuda.rs, QUANTIZE_VARIANTS).
+//   q8x  QPL 8, OCT slots at bits 1 (production since 2026-11-23);
+//   q4x  QPL 4, OCT slots at bits 1 (production before; kept as the benchmark's reference).
+// H100, 2026-11-23, 64M elements, group 256, % of a device-to-device copy at 1/2/4/8 bits:
+// q8x 82/85/86/92, q4x 69/74/73/81. Dropped after measuring: q4 (q4x without OCT, 62% at 1
+// bit), p2 / p2x / p2o / p4 (the next group's loads issued before this group's math: 47-73%),
+// an L2 bulk prefetch of the next rounds' spans and `.L2::256B` load hints (no gain or a loss:
+// the kernel is bound by the instructions per element and the per-group chain, not by load
+// latency), q8x4 (QPL 8 in 64 registers: spills, 80/82/82/85), q16x (QPL 16: 190 registers,
+// one block per SM, 61-68%).
+#define QUANTIZE_WIDTH(NAME, BITS, QPL, OCT, BOUNDS)                                        \
+    extern "C" __global__ void BOUNDS NAME##_b##BITS(                                        \
+        const float* __restrict__ x, u64 n_samples, u64 sample_len, u64 group, u64 key,      \
+        u8* __restrict__ data, u16* __restrict__ mins, u16* __restrict__ scales,             \
         u64* __restrict__ err) {                                                             \
-        quantize_bits<QPL, PIPE, OCT>(x, n_samples, sample_len, group, bits, key, data, mins, \
+        quantize_impl<BITS, QPL, OCT>(x, n_samples, sample_len, group, key, data, mins,      \
                                       scales, err);                                          \
     }
+#define QUANTIZE_ENTRY(NAME, QPL, OCT, BOUNDS)    \
+    QUANTIZE_WIDTH(NAME, 1, QPL, OCT, BOUNDS)     \
+    QUANTIZE_WIDTH(NAME, 2, QPL, OCT, BOUNDS)     \
+    QUANTIZE_WIDTH(NAME, 4, QPL, OCT, BOUNDS)     \
+    QUANTIZE_WIDTH(NAME, 8, QPL, OCT, BOUNDS)
 
-QUANTIZE_ENTRY(quantize_q4x, 4u, false, true, __launch_bounds__(256))
-QUANTIZE_ENTRY(quantize_p4, 4u, true, false, __launch_bounds__(256, 2))
+QUANTIZE_ENTRY(quantize_q8x, 8u, true, __launch_bounds__(256))
+QUANTIZE_ENTRY(quantize_q4x, 4u, true, __launch_bounds__(256))
 
 // ---------------------------------------------------------------------------------------------
 // Dequantize: x' = q / s + mn (the CPU's `q as f32 / s + mn`: IEEE division, then addition).

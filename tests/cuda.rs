@@ -115,7 +115,7 @@ fn quant_case(dev: &Device, n: usize, sl: usize, group: usize, bits: u8, seed: u
     let q = quantize_cuda(&t, sl, &p).unwrap();
     assert_same_quant(&q, &cpu, &what);
     // Every compiled kernel variant, not only the production one (QUANTIZE_VARIANT).
-    for &(name, _) in QUANTIZE_VARIANTS {
+    for &(name, _, _) in QUANTIZE_VARIANTS {
         let qv = quantize_cuda_variant(&t, sl, &p, name).unwrap();
         assert_same_quant(&qv, &cpu, &format!("{what} variant {name}"));
     }
@@ -521,7 +521,7 @@ fn run_error_cases(
         }
         let want = compress::quantize(&x, sl, p).unwrap_err();
         let t = Tensor::from_slice(&x, (4, sl), dev).unwrap();
-        for &(name, _) in QUANTIZE_VARIANTS {
+        for &(name, _, _) in QUANTIZE_VARIANTS {
             let what = format!("{what} (variant {name})");
             let got = quant_err(quantize_cuda_variant(&t, sl, p, name));
             match (got, want) {
@@ -703,7 +703,7 @@ fn bench_quantize() {
         let moved = len * 4 + q.stored_bytes();
         let kernel = median(quantize_kernel_ms(&t, sl, &p, REPS).unwrap());
         // Every kernel variant (the production one is also the plain `quantize` line).
-        for &(name, _) in QUANTIZE_VARIANTS {
+        for &(name, _, _) in QUANTIZE_VARIANTS {
             let ms = median(quantize_variant_kernel_ms(&t, sl, &p, name, REPS).unwrap());
             bench_line(&format!("quantize-{name} bits={bits}"), ms, moved, copy, "");
         }

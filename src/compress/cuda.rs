@@ -246,18 +246,19 @@ fn quantize_outputs(
 }
 
 /// The quantize kernel's compiled variants (`kernels/quantize.cu`, entry `quantize_<name>`):
-/// name and QPL (quads per lane of its register fast path, which sets the team size). All are
-/// bit-identical to the CPU (tests/cuda.rs runs every one); they differ only in speed.
+/// name, QPL (quads per lane of its register fast path, which sets the team size) and threads
+/// per block (its `__launch_bounds__`). All are bit-identical to the CPU (tests/cuda.rs runs
+/// every one); they differ only in speed.
 #[doc(hidden)]
-pub const QUANTIZE_VARIANTS: &[(&str, u64)] = &[("q4x", 4), ("p4", 4)];
+pub const QUANTIZE_VARIANTS: &[(&str, u64, u32)] = &[("q8x", 8, 256), ("q4x", 4, 256)];
 
 /// The variant [`quantize_cuda`] launches (a name from [`QUANTIZE_VARIANTS`]): the fastest
 /// `BENCH quantize-<name>` of tests/cuda.rs's `bench_quantize` (every variant passes the same
-/// parity tests). `q4x`: 4 quads per lane, whole code bytes per lane at 1 bit; `p4`: 4 quads
-/// per lane with the next group's loads issued before this group's math. On an H100
-/// (2026-11-22) q4x gave 70/72/73/80% of a device-to-device copy at 1/2/4/8 bits, p4
-/// 57/71/73/82% (kernels/quantize.cu lists the variants dropped after that run).
-pub const QUANTIZE_VARIANT: &str = "q4x";
+/// parity tests). `q8x`: 8 quads per lane (four groups of 256 per warp), whole code bytes per
+/// lane at 1 bit, one entry per width. On an H100 (2026-11-23) q8x gave 82/85/86/92% of a
+/// device-to-device copy at 1/2/4/8 bits against q4x's 69/74/73/81% (kernels/quantize.cu
+/// lists the variants dropped on the way).
+pub const QUANTIZE_VARIANT: &str = "q8x";
 
 /// [`quantize_cuda`] with the kernel variant `variant` (a name from [`QUANTIZE_VARIANTS`]).
 /// Test / benchmark hook, not API.
@@ -334,26 +335,27 @@ fn launch_quantize(
 ) -> Result<()> {
     let n = x.len() / sample_len;
     let groups = (n * sample_len.div_ceil(p.group)) as u64;
-    let &(_, qpl) = QUANTIZE_VARIANTS
+    let &(_, qpl, threads) = QUANTIZE_VARIANTS
         .iter()
-        .find(|(name, _)| *name == variant)
+        .find(|(name, _, _)| *name == variant)
         .ok_or_else(|| msg(format!("unknown quantize kernel variant {variant:?}")))?;
-    let func = dev.get_or_load_custom_func(&format!("quantize_{variant}"), MODULE, PTX)?;
+    // One entry per width (`quantize_<variant>_b<bits>`): each is allocated its own registers.
+    let func =
+        dev.get_or_load_custom_func(&format!("quantize_{variant}_b{}", p.bits), MODULE, PTX)?;
     // A team of T lanes per group (the power of two >= group / (4 QPL), in 2..=32; QPL quads
-    // per lane): 32 / T groups per warp, 8 warps per block.
+    // per lane): 32 / T groups per warp, threads / 32 warps per block.
     let team = (p.group as u64 / 4)
         .div_ceil(qpl)
         .next_power_of_two()
         .clamp(2, 32);
-    let groups_per_block = (32 / team) * (EBLOCK as u64 / 32);
-    let cfg = wave_cfg(dev, &func, groups.div_ceil(groups_per_block))?;
-    let (n64, sl, g, bits) = (n as u64, sample_len as u64, p.group as u64, p.bits as u32);
+    let groups_per_block = (32 / team) * (threads as u64 / 32);
+    let cfg = wave_cfg_threads(dev, &func, groups.div_ceil(groups_per_block), threads)?;
+    let (n64, sl, g) = (n as u64, sample_len as u64, p.group as u64);
     let mut b = func.builder();
     b.arg(x);
     b.arg(&n64);
     b.arg(&sl);
     b.arg(&g);
-    b.arg(&bits);
     // The RNG key (`rng::stream_key`) is derived here, once: computed in the kernel, nvcc
     // rematerialises its two mix64 in every round (~70 instructions per group).
     let key = super::rng::stream_key(p.seed, p.stream);
@@ -745,18 +747,28 @@ fn dtoh<T: DeviceRepr, S: DevicePtr<T>>(dev: &CudaDevice, src: &S) -> Result<Vec
 /// `blocks` blocks of [`EBLOCK`] threads, capped at one wave (as many blocks as the device runs
 /// at once): the kernels loop grid-stride, so their per-thread setup is paid once per thread.
 fn wave_cfg(dev: &CudaDevice, func: &CudaFunction, blocks: u64) -> Result<LaunchConfig> {
+    wave_cfg_threads(dev, func, blocks, EBLOCK)
+}
+
+/// [`wave_cfg`] with `threads` per block.
+fn wave_cfg_threads(
+    dev: &CudaDevice,
+    func: &CudaFunction,
+    blocks: u64,
+    threads: u32,
+) -> Result<LaunchConfig> {
     let sms = dev
         .cuda_stream()
         .context()
         .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .w()?;
     let per_sm = func
-        .occupancy_max_active_blocks_per_multiprocessor(EBLOCK, 0, None)
+        .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
         .w()?;
     let wave = (sms.max(1) as u64) * (per_sm.max(1) as u64);
     Ok(LaunchConfig {
         grid_dim: (blocks.clamp(1, wave) as u32, 1, 1),
-        block_dim: (EBLOCK, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     })
 }
