@@ -835,46 +835,216 @@ extern "C" __global__ void mask_unpack(const u64* __restrict__ words, u64 len, f
 // ---------------------------------------------------------------------------------------------
 // PackedUints (src/compress/bitpack.rs): value i occupies stream bits [i*bits, (i+1)*bits),
 // stream bit k = bit k % 8 of byte k / 8 (values may straddle two bytes), padding bits zero.
-// bits in 1..=8. One thread per output byte. A value >= 2^bits sets
-// err = atomicMin(err, index) (host initialises err to NO_ERROR) — the CPU's ValueTooLarge.
+// bits in 1..=8. A value >= 2^bits sets err = atomicMin(err, index) (host initialises err to
+// NO_ERROR) — the CPU's ValueTooLarge.
+//
+// Widths 1/2/4/8 (every width actrain stores: pool argmax indices) take a chunked fast path: a
+// thread packs 16 values (one 16-byte load when the values are 16-byte aligned) into 2*bits
+// bytes with one store, or unpacks them back (one 16-byte store). Bytes / values past the last
+// whole chunk, and the other widths, go one output byte / value per thread.
+
+// The BITS-bit fields of the four bytes of w (each < 2^BITS), packed: byte k -> bits k*BITS.
+template <u32 BITS>
+__device__ __forceinline__ u32 fold_bytes(u32 w) {
+    if (BITS == 8) {
+        return w;
+    }
+    const u32 m = (1u << BITS) - 1u;
+    return (w & m) | ((w >> (8 - BITS)) & (m << BITS)) | ((w >> (16 - 2 * BITS)) & (m << (2 * BITS))) |
+           ((w >> (24 - 3 * BITS)) & (m << (3 * BITS)));
+}
+
+// Inverse of fold_bytes: four BITS-bit fields (bits k*BITS) spread into four bytes.
+template <u32 BITS>
+__device__ __forceinline__ u32 spread_bytes(u32 f) {
+    if (BITS == 8) {
+        return f;
+    }
+    const u32 m = (1u << BITS) - 1u;
+    return (f & m) | ((f << (8 - BITS)) & (m << 8)) | ((f << (16 - 2 * BITS)) & (m << 16)) |
+           ((f << (24 - 3 * BITS)) & (m << 24));
+}
+
+// Byte b of the packed stream from the values (any width; checks the values it starts).
+__device__ __forceinline__ u8 uints_pack_byte(const u8* __restrict__ values, u64 len, u32 bits,
+                                              u64 b, u64* __restrict__ err) {
+    const u32 mask = (1u << bits) - 1u;
+    const u64 bit0 = b * 8;
+    const u64 i0 = bit0 / bits;
+    u64 i1 = (bit0 + 7) / bits;
+    if (i1 > len - 1) {
+        i1 = len - 1;
+    }
+    u32 acc = 0;
+    for (u64 i = i0; i <= i1; ++i) {
+        const u32 v = values[i];
+        const u64 first = i * bits;
+        if (first >= bit0 && (v >> bits) != 0) {  // checked once, by the value's first byte
+            atomicMin(err, i);
+        }
+        const u32 vm = v & mask;
+        acc |= first >= bit0 ? (vm << (u32)(first - bit0)) : (vm >> (u32)(bit0 - first));
+    }
+    return (u8)acc;
+}
+
+template <u32 BITS>
+__device__ __forceinline__ void uints_pack_chunks(const u8* __restrict__ values, u64 len,
+                                                  u8* __restrict__ data, u64* __restrict__ err) {
+    const u64 chunks = len / 16;
+    const bool vec = ((size_t)values & 15) == 0;  // data is a fresh allocation (aligned)
+    const u32 rep = 0x01010101u * ((1u << BITS) - 1u);  // the largest valid value in each byte
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x; c < chunks; c += stride) {
+        const u8* v = values + 16 * c;
+        u32 w[4];
+        if (vec) {
+            const uint4 q = __ldg(reinterpret_cast<const uint4*>(v));
+            w[0] = q.x;
+            w[1] = q.y;
+            w[2] = q.z;
+            w[3] = q.w;
+        } else {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                w[k] = (u32)v[4 * k] | ((u32)v[4 * k + 1] << 8) | ((u32)v[4 * k + 2] << 16) |
+                       ((u32)v[4 * k + 3] << 24);
+            }
+        }
+        if (((w[0] | w[1] | w[2] | w[3]) & ~rep) != 0) {  // rare: the chunk's first bad value
+            for (u32 k = 0; k < 16; ++k) {
+                if (((w[k >> 2] >> (8 * (k & 3))) & 0xFFu) >> BITS) {
+                    atomicMin(err, 16 * c + k);
+                    break;
+                }
+            }
+        }
+        u32 f[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            f[k] = fold_bytes<BITS>(w[k]);
+        }
+        u8* out = data + 2 * BITS * c;
+        if (BITS == 1) {
+            *reinterpret_cast<u16*>(out) = (u16)(f[0] | (f[1] << 4) | (f[2] << 8) | (f[3] << 12));
+        } else if (BITS == 2) {
+            *reinterpret_cast<u32*>(out) = f[0] | (f[1] << 8) | (f[2] << 16) | (f[3] << 24);
+        } else if (BITS == 4) {
+            *reinterpret_cast<uint2*>(out) = make_uint2(f[0] | (f[1] << 16), f[2] | (f[3] << 16));
+        } else {
+            *reinterpret_cast<uint4*>(out) = make_uint4(f[0], f[1], f[2], f[3]);
+        }
+    }
+    // The bytes after the last whole chunk (fewer than 2 * BITS).
+    const u64 nbytes = (len * BITS + 7) / 8;
+    for (u64 b = 2 * BITS * chunks + (u64)blockIdx.x * blockDim.x + threadIdx.x; b < nbytes;
+         b += stride) {
+        data[b] = uints_pack_byte(values, len, BITS, b, err);
+    }
+}
 
 extern "C" __global__ void uints_pack(const u8* __restrict__ values, u64 len, u32 bits,
                                       u8* __restrict__ data, u64* __restrict__ err) {
+    switch (bits) {
+        case 1:
+            uints_pack_chunks<1>(values, len, data, err);
+            return;
+        case 2:
+            uints_pack_chunks<2>(values, len, data, err);
+            return;
+        case 4:
+            uints_pack_chunks<4>(values, len, data, err);
+            return;
+        case 8:
+            uints_pack_chunks<8>(values, len, data, err);
+            return;
+        default:
+            break;
+    }
     const u64 nbytes = (len * bits + 7) / 8;
-    const u32 mask = (1u << bits) - 1u;
     const u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 b = (u64)blockIdx.x * blockDim.x + threadIdx.x; b < nbytes; b += stride) {
-        const u64 bit0 = b * 8;
-        const u64 i0 = bit0 / bits;
-        u64 i1 = (bit0 + 7) / bits;
-        if (i1 > len - 1) {
-            i1 = len - 1;
+        data[b] = uints_pack_byte(values, len, bits, b, err);
+    }
+}
+
+// Value i of the stream (any width).
+__device__ __forceinline__ u8 uints_unpack_value(const u8* __restrict__ data, u64 nbytes,
+                                                 u32 bits, u64 i) {
+    const u32 mask = (1u << bits) - 1u;
+    const u64 bit = i * bits;
+    const u64 at = bit >> 3;
+    const u32 lo = data[at];
+    const u32 hi = at + 1 < nbytes ? (u32)data[at + 1] : 0u;
+    return (u8)((((hi << 8) | lo) >> (u32)(bit & 7)) & mask);
+}
+
+// `data` 16-byte aligned (the caller checks; CudaPackedUints owns its allocation).
+template <u32 BITS>
+__device__ __forceinline__ void uints_unpack_chunks(const u8* __restrict__ data, u64 len,
+                                                    u8* __restrict__ out) {
+    const u64 chunks = len / 16;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x; c < chunks; c += stride) {
+        const u8* in = data + 2 * BITS * c;
+        u32 f[4];  // the chunk's four 4-value fields
+        if (BITS == 1) {
+            const u32 h = *reinterpret_cast<const u16*>(in);
+            f[0] = h & 0xFu;
+            f[1] = (h >> 4) & 0xFu;
+            f[2] = (h >> 8) & 0xFu;
+            f[3] = h >> 12;
+        } else if (BITS == 2) {
+            const u32 h = __ldg(reinterpret_cast<const u32*>(in));
+            f[0] = h & 0xFFu;
+            f[1] = (h >> 8) & 0xFFu;
+            f[2] = (h >> 16) & 0xFFu;
+            f[3] = h >> 24;
+        } else if (BITS == 4) {
+            const uint2 h = __ldg(reinterpret_cast<const uint2*>(in));
+            f[0] = h.x & 0xFFFFu;
+            f[1] = h.x >> 16;
+            f[2] = h.y & 0xFFFFu;
+            f[3] = h.y >> 16;
+        } else {
+            const uint4 h = __ldg(reinterpret_cast<const uint4*>(in));
+            f[0] = h.x;
+            f[1] = h.y;
+            f[2] = h.z;
+            f[3] = h.w;
         }
-        u32 acc = 0;
-        for (u64 i = i0; i <= i1; ++i) {
-            const u32 v = values[i];
-            const u64 first = i * bits;
-            if (first >= bit0 && (v >> bits) != 0) {  // checked once, by the value's first byte
-                atomicMin(err, i);
-            }
-            const u32 vm = v & mask;
-            acc |= first >= bit0 ? (vm << (u32)(first - bit0)) : (vm >> (u32)(bit0 - first));
-        }
-        data[b] = (u8)acc;
+        *reinterpret_cast<uint4*>(out + 16 * c) =
+            make_uint4(spread_bytes<BITS>(f[0]), spread_bytes<BITS>(f[1]),
+                       spread_bytes<BITS>(f[2]), spread_bytes<BITS>(f[3]));
+    }
+    const u64 nbytes = (len * BITS + 7) / 8;
+    for (u64 i = 16 * chunks + (u64)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += stride) {
+        out[i] = uints_unpack_value(data, nbytes, BITS, i);
     }
 }
 
 // out[i] = value i (PackedUints::unpack_into).
 extern "C" __global__ void uints_unpack(const u8* __restrict__ data, u64 len, u32 bits,
                                         u8* __restrict__ out) {
+    switch (((size_t)data & 15) == 0 ? bits : 0u) {
+        case 1:
+            uints_unpack_chunks<1>(data, len, out);
+            return;
+        case 2:
+            uints_unpack_chunks<2>(data, len, out);
+            return;
+        case 4:
+            uints_unpack_chunks<4>(data, len, out);
+            return;
+        case 8:
+            uints_unpack_chunks<8>(data, len, out);
+            return;
+        default:
+            break;
+    }
     const u64 nbytes = (len * bits + 7) / 8;
-    const u32 mask = (1u << bits) - 1u;
     const u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += stride) {
-        const u64 bit = i * bits;
-        const u64 at = bit >> 3;
-        const u32 lo = data[at];
-        const u32 hi = at + 1 < nbytes ? (u32)data[at + 1] : 0u;
-        out[i] = (u8)((((hi << 8) | lo) >> (u32)(bit & 7)) & mask);
+        out[i] = uints_unpack_value(data, nbytes, bits, i);
     }
 }

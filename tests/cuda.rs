@@ -592,6 +592,20 @@ fn uints_match_cpu() {
             );
             let back = uints_unpack_cuda(&p, len).unwrap().to_vec1::<u8>().unwrap();
             assert_eq!(back, v, "bits {bits} len {len}");
+            // Values not 16-byte aligned (a view 3 bytes into its buffer).
+            if len > 3 {
+                let view = Tensor::from_slice(&v, len, &dev)
+                    .unwrap()
+                    .narrow(0, 3, len - 3)
+                    .unwrap();
+                let cpu = PackedUints::pack(&v[3..], bits).unwrap();
+                let p = uints_pack_cuda(&view, bits).unwrap();
+                assert_eq!(
+                    p.data_to_vec().unwrap(),
+                    cpu.data(),
+                    "bits {bits} len {len} view"
+                );
+            }
         }
         if bits < 8 {
             let mut v = vec![0u8; 5000];
@@ -743,4 +757,40 @@ fn bench_masks() {
         mask_unpack_cuda(&m, 1.0, 0.0, len).unwrap();
     });
     bench_line("mask_unpack", unpack, moved, copy, "");
+}
+
+/// uints_pack / uints_unpack (pool argmax indices) throughput at widths 1/2/4/8, 256M values.
+/// Pack: whole uints_pack_cuda calls (allocation, kernel, one synchronisation for the error
+/// flag), host clock; unpack: uints_unpack_cuda calls, CUDA events.
+#[test]
+#[ignore]
+fn bench_uints() {
+    let dev = gpu();
+    let len = 1usize << 28;
+    let copy = copy_gbps(&dev, len);
+    for bits in [1u8, 2, 4, 8] {
+        let v: Vec<u8> = (0..len)
+            .map(|i| {
+                ((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 59) as u8
+                    & ((1u16 << bits) - 1) as u8
+            })
+            .collect();
+        let t = Tensor::from_slice(&v, len, &dev).unwrap();
+        let packed = uints_pack_cuda(&t, bits).unwrap();
+        let moved = len + (len * bits as usize).div_ceil(8);
+        let pack = host_ms(&dev, REPS, || {
+            uints_pack_cuda(&t, bits).unwrap();
+        });
+        bench_line(&format!("uints_pack bits={bits}"), pack, moved, copy, "");
+        let unpack = event_ms(&dev, REPS, || {
+            uints_unpack_cuda(&packed, len).unwrap();
+        });
+        bench_line(
+            &format!("uints_unpack bits={bits}"),
+            unpack,
+            moved,
+            copy,
+            "",
+        );
+    }
 }

@@ -605,7 +605,7 @@ pub fn uints_pack_cuda(values: &Tensor, bits: u8) -> Result<CudaPackedUints> {
             b.arg(&mut data);
             b.arg(&mut err);
             // SAFETY: matches `uints_pack` in kernels/quantize.cu.
-            unsafe { b.launch(elem_cfg(nbytes)) }.w()?;
+            unsafe { b.launch(elem_cfg(uints_threads(len, bits))) }.w()?;
             let index = dtoh(dev, &err)?[0];
             if index != NO_ERROR {
                 let index = index as usize;
@@ -644,9 +644,19 @@ pub fn uints_unpack_cuda<S: Into<Shape>>(p: &CudaPackedUints, shape: S) -> Resul
         b.arg(&bits32);
         b.arg(&mut out);
         // SAFETY: matches `uints_unpack` in kernels/quantize.cu.
-        unsafe { b.launch(elem_cfg(p.len)) }.w()?;
+        unsafe { b.launch(elem_cfg(uints_threads(p.len, p.bits))) }.w()?;
     }
     Ok(wrap_tensor(out, dev, shape))
+}
+
+/// Threads `uints_pack` / `uints_unpack` want for `len` values of `bits` bits: one per chunk of
+/// 16 values at widths 1/2/4/8 (their fast path), else one per packed byte or value (both are
+/// grid-stride, so this only sizes the grid).
+fn uints_threads(len: usize, bits: u8) -> usize {
+    match bits {
+        1 | 2 | 4 | 8 => len.div_ceil(16),
+        _ => len.max((len * bits as usize).div_ceil(8)),
+    }
 }
 
 /// `out[j] = rng::uniform(seed, stream, start + j)` computed on the GPU (parity checks).
