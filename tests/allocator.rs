@@ -2,6 +2,7 @@
 //! respects the budget and is monotone in sensitivity; the estimators rank a tensor whose
 //! noise matters more above one that matters less; `VariancePlan` serves its planned bits.
 
+use actrain::allocate::sensitivity::{ProbePolicy, PROBE_LABEL};
 use actrain::allocate::solver::{average_bits, objective};
 use actrain::allocate::{
     allocate, allocate_greedy, estimate_per_slot, estimate_randomized, estimate_slots, flat_grad,
@@ -286,6 +287,42 @@ fn two_path_grad(
     let loss = tape.cross_entropy(&logits, y, CrossEntropyOptions::default())?;
     tape.backward(&loss, store)?;
     flat_grad(store)
+}
+
+/// An estimation pass stores each perturbed activation as its codes at the probe bits, not as
+/// the perturbed fp32 tensor (which made the first estimate of a training run its peak), and
+/// reading it back gives the same gradient as the tensor itself would.
+#[test]
+fn probe_passes_hold_activations_as_codes() {
+    let (mut store, w, x1, x2, y) = two_path_problem();
+    let mut tape = Tape::new(Box::new(ProbePolicy::quantize(2, 256, 1)));
+    tape.begin_step();
+    let g = two_path_grad(&mut store, w, &x1, &x2, &y, &mut tape).unwrap();
+    let probes: Vec<_> = tape
+        .context_log()
+        .iter()
+        .filter(|r| r.repr == PROBE_LABEL)
+        .cloned()
+        .collect();
+    assert!(
+        probes.len() >= 2,
+        "both linear inputs are probed: {probes:?}"
+    );
+    for r in &probes {
+        // 2-bit codes plus bf16 min/scale per group (here a sample of 64 or 10 elements):
+        // well under a quarter of fp32; the perturbed fp32 tensor would be all of it.
+        assert!(
+            r.uncompressed_bytes > 0 && r.stored_bytes * 4 < r.uncompressed_bytes,
+            "{r:?}"
+        );
+    }
+    // The same pass again gives the same gradient (the codes dequantize deterministically).
+    let mut again = Tape::new(Box::new(ProbePolicy::quantize(2, 256, 1)));
+    again.begin_step();
+    assert_eq!(
+        g,
+        two_path_grad(&mut store, w, &x1, &x2, &y, &mut again).unwrap()
+    );
 }
 
 #[test]

@@ -35,7 +35,7 @@
 //! (the estimator has begun the step, pinning dropout masks to the same seed in every pass).
 
 use super::solver::variance_factor;
-use crate::compress::{dequantize_to_vec, quantize, QuantParams, DEFAULT_GROUP};
+use crate::compress::{dequantize_to_vec, quantize, QuantParams, QuantizedTensor, DEFAULT_GROUP};
 use crate::tape::{
     splitmix64, ContextPolicy, KeepPolicy, Packed, PackedContext, ParamStore, SaveAs, SaveRequest,
     Tape,
@@ -162,33 +162,54 @@ impl ContextPolicy for ProbePolicy {
             stream: req.slot as u64,
         };
         let q = quantize(&x, sample_len, &params).context("probe quantization")?;
-        let mut out = dequantize_to_vec(&q);
-        if let ProbeMode::Signed { sign_seed } = self.mode {
-            if probe_sign(sign_seed, req.slot) < 0.0 {
+        let ctx = match self.mode {
+            ProbeMode::Signed { sign_seed } if probe_sign(sign_seed, req.slot) < 0.0 => {
+                // The mirrored draw needs x itself: held in full.
+                let mut out = dequantize_to_vec(&q);
                 for (o, &xi) in out.iter_mut().zip(&x) {
                     *o = xi - (*o - xi);
                 }
+                let mirrored = Tensor::from_vec(out, t.shape().clone(), &Device::Cpu)?
+                    .to_dtype(t.dtype())?
+                    .to_device(t.device())?;
+                ProbeContext::Full(mirrored)
             }
-        }
-        let restored = Tensor::from_vec(out, t.shape().clone(), &Device::Cpu)?
-            .to_dtype(t.dtype())?
-            .to_device(t.device())?;
-        Ok(Packed::Compressed(Box::new(ProbeContext(restored))))
+            // What the rounding restores is a function of the codes: kept as codes (the probe
+            // bits, not fp32), so an estimation pass holds its activations compressed like a
+            // training step rather than at full size.
+            _ => ProbeContext::Codes(q),
+        };
+        Ok(Packed::Compressed(Box::new(ctx)))
     }
 }
 
-/// The perturbed tensor, held in full (estimation runs on a small sub-batch).
-struct ProbeContext(Tensor);
+/// A perturbed activation: its codes at the probe bits (dequantized when read), or, for a
+/// mirrored draw, the perturbed tensor itself.
+enum ProbeContext {
+    Codes(QuantizedTensor),
+    Full(Tensor),
+}
 
 impl PackedContext for ProbeContext {
-    fn unpack(&self, shape: &Shape, _dtype: DType, _device: &Device) -> Result<Tensor> {
-        Ok(self.0.reshape(shape)?)
+    fn unpack(&self, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+        match self {
+            Self::Codes(q) => Ok(Tensor::from_vec(dequantize_to_vec(q), shape, &Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(device)?),
+            Self::Full(t) => Ok(t.reshape(shape)?),
+        }
     }
     fn stored_bytes(&self) -> usize {
-        self.0.elem_count() * self.0.dtype().size_in_bytes()
+        match self {
+            Self::Codes(q) => q.stored_bytes(),
+            Self::Full(t) => t.elem_count() * t.dtype().size_in_bytes(),
+        }
     }
     fn bits(&self) -> f32 {
-        (self.0.dtype().size_in_bytes() * 8) as f32
+        match self {
+            Self::Codes(q) => 8.0 * q.stored_bytes() as f32 / q.len().max(1) as f32,
+            Self::Full(t) => (t.dtype().size_in_bytes() * 8) as f32,
+        }
     }
     fn label(&self) -> String {
         PROBE_LABEL.into()
@@ -196,9 +217,16 @@ impl PackedContext for ProbeContext {
 }
 
 /// Every trainable parameter's gradient, flattened in id order (zeros where a parameter got
-/// none, so every pass yields a vector of the same layout).
+/// none, so every pass yields a vector of the same layout). Allocated once at its final size:
+/// grown by doubling it would briefly hold the old and the new buffer (up to 1.5x its size more)
+/// at the estimate's peak.
 pub fn flat_grad(params: &ParamStore) -> Result<Vec<f32>> {
-    let mut g = Vec::new();
+    let len = params
+        .iter()
+        .filter(|(_, p)| p.trainable)
+        .map(|(_, p)| p.value.elem_count())
+        .sum();
+    let mut g = Vec::with_capacity(len);
     for (_, p) in params.iter().filter(|(_, p)| p.trainable) {
         match &p.grad {
             Some(t) => g.extend(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
