@@ -58,6 +58,21 @@ impl ContextPolicy for HalfCopy {
 /// Slack for the tape's own bookkeeping (nodes, closures, hash maps) and allocator noise.
 const SLACK: usize = 256 * 1024;
 
+/// Runs matmuls of the given (m, k, n) shapes on every thread of rayon's pool. The CPU matmul
+/// keeps a per-thread packing buffer that each thread allocates on its first product and never
+/// frees: a pool thread doing its first one during a measured backward showed up as ~1 MiB
+/// "alive after backward" (seen under CPU load, when the work lands on other threads than in
+/// the warm-up pass).
+fn warm_matmul_threads(shapes: &[(usize, usize, usize)]) {
+    rayon::broadcast(|_| {
+        for &(m, k, n) in shapes {
+            let a = Tensor::ones((m, k), DType::F32, &Device::Cpu).expect("warm-up tensor");
+            let b = Tensor::ones((k, n), DType::F32, &Device::Cpu).expect("warm-up tensor");
+            a.matmul(&b).expect("warm-up matmul");
+        }
+    });
+}
+
 fn mlp_params(
     depth: usize,
     width: usize,
@@ -197,7 +212,10 @@ fn deep_mlp_keeps_only_its_context() -> Result<()> {
     let fwd = |t: &mut Tape, s: &ParamStore, leak: &mut Option<Vec<Value>>| {
         mlp_forward(t, s, &ids, &x, leak)
     };
-    measure(&mut store, &fwd, false)?; // warm-up: thread pools and gemm buffers
+    // Warm-up: thread pools and every pool thread's matmul buffer (forward x·wᵀ, backward
+    // g·w and xᵀ·g).
+    warm_matmul_threads(&[(128, 256, 256), (256, 128, 256)]);
+    measure(&mut store, &fwd, false)?;
     let t = measure(&mut store, &fwd, false)?;
     check_property("mlp", &t);
     // 8 layers × (linear input + relu input) × 128×256 f16 = 1 MiB of context.
