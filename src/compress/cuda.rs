@@ -245,8 +245,8 @@ fn quantize_outputs(
     }
 }
 
-/// The quantize kernel's compiled variants (`kernels/quantize.cu`, entry `quantize_<name>`):
-/// name, QPL (quads per lane of its register fast path, which sets the team size) and threads
+/// The quantize kernel's compiled variants (`kernels/quantize.cu`, entries
+/// `quantize_<name>_b<bits>`, one per width): name, QPL (quads per lane of its register fast path, which sets the team size) and threads
 /// per block (its `__launch_bounds__`). All are bit-identical to the CPU (tests/cuda.rs runs
 /// every one); they differ only in speed.
 #[doc(hidden)]
@@ -650,12 +650,12 @@ pub fn uints_unpack_cuda<S: Into<Shape>>(p: &CudaPackedUints, shape: S) -> Resul
 }
 
 /// Threads `uints_pack` / `uints_unpack` want for `len` values of `bits` bits: one per chunk of
-/// 16 values at widths 1/2/4/8 (their fast path), else one per packed byte or value (both are
-/// grid-stride, so this only sizes the grid).
+/// 16 values at widths 1/2/4/8 (their fast path), else one per value, which is at least one per
+/// packed byte (both kernels are grid-stride, so this only sizes the grid).
 fn uints_threads(len: usize, bits: u8) -> usize {
     match bits {
         1 | 2 | 4 | 8 => len.div_ceil(16),
-        _ => len.max((len * bits as usize).div_ceil(8)),
+        _ => len,
     }
 }
 
