@@ -6,13 +6,14 @@ use actrain::allocate::sensitivity::{ProbePolicy, PROBE_LABEL};
 use actrain::allocate::solver::{average_bits, objective};
 use actrain::allocate::{
     allocate, allocate_greedy, estimate_per_slot, estimate_randomized, estimate_slots, flat_grad,
-    solve, variance_factor, Estimator, NumericalConfig, SlotProbe, TensorCost, VariancePlan,
+    solve, variance_factor, Estimator, NumericalConfig, ParamGrads, SlotProbe, TensorCost,
+    VariancePlan,
 };
 use actrain::compress::policy::{CompressConfig, CompressPolicy, Level, LADDER};
 use actrain::model::{load_def, InputSpec, Model};
 use actrain::ops::loss::CrossEntropyOptions;
 use actrain::tape::{ParamStore, Tape};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// A small deterministic generator (the tests must not depend on a crate's RNG).
 struct Lcg(u64);
@@ -274,7 +275,7 @@ fn two_path_grad(
     x2: &Tensor,
     y: &Tensor,
     tape: &mut Tape,
-) -> anyhow::Result<Vec<f32>> {
+) -> anyhow::Result<ParamGrads> {
     store.zero_grad();
     let a = tape.constant(x1.clone());
     let b = tape.constant(x2.clone());
@@ -286,7 +287,7 @@ fn two_path_grad(
     let logits = tape.add(&h1, &h2)?;
     let loss = tape.cross_entropy(&logits, y, CrossEntropyOptions::default())?;
     tape.backward(&loss, store)?;
-    flat_grad(store)
+    Ok(ParamGrads::of(store))
 }
 
 /// An estimation pass stores each perturbed activation as its codes at the probe bits, not as
@@ -297,7 +298,10 @@ fn probe_passes_hold_activations_as_codes() {
     let (mut store, w, x1, x2, y) = two_path_problem();
     let mut tape = Tape::new(Box::new(ProbePolicy::quantize(2, 256, 1)));
     tape.begin_step();
-    let g = two_path_grad(&mut store, w, &x1, &x2, &y, &mut tape).unwrap();
+    let g = two_path_grad(&mut store, w, &x1, &x2, &y, &mut tape)
+        .unwrap()
+        .flatten()
+        .unwrap();
     let probes: Vec<_> = tape
         .context_log()
         .iter()
@@ -319,10 +323,9 @@ fn probe_passes_hold_activations_as_codes() {
     // The same pass again gives the same gradient (the codes dequantize deterministically).
     let mut again = Tape::new(Box::new(ProbePolicy::quantize(2, 256, 1)));
     again.begin_step();
-    assert_eq!(
-        g,
-        two_path_grad(&mut store, w, &x1, &x2, &y, &mut again).unwrap()
-    );
+    let g2 = two_path_grad(&mut store, w, &x1, &x2, &y, &mut again).unwrap();
+    assert_eq!(g2.sq_dist(&g).unwrap(), 0.0);
+    assert_eq!(g, g2.flatten().unwrap());
 }
 
 #[test]
@@ -651,4 +654,30 @@ fn analytic_estimator_reads_output_gradient_norms() {
     let ratio = c2 / c1;
     assert!((50.0..200.0).contains(&ratio), "c(x2)/c(x1) = {ratio}");
     assert_eq!(plan.stats().passes_per_estimate, 0, "no extra passes");
+}
+
+/// The estimator's gradient view: parameters in id order, a missing gradient read as zeros,
+/// distances and differences against a flattened pass, a changed layout refused.
+#[test]
+fn param_grads_compare_tensor_by_tensor() {
+    let dev = Device::Cpu;
+    let mut store = ParamStore::new();
+    let a = store
+        .add("a", Tensor::zeros(3, DType::F32, &dev).unwrap())
+        .unwrap();
+    store
+        .add("b", Tensor::zeros((2, 2), DType::F32, &dev).unwrap())
+        .unwrap(); // gets no gradient
+    store
+        .accumulate_grad(a, Tensor::new(&[1f32, 2., 3.], &dev).unwrap())
+        .unwrap();
+    let g = ParamGrads::of(&store);
+    assert_eq!(g.len(), 7);
+    assert_eq!(g.flatten().unwrap(), vec![1., 2., 3., 0., 0., 0., 0.]);
+    assert_eq!(flat_grad(&store).unwrap(), g.flatten().unwrap());
+    let other = [1f32, 0., 3., 0., 0., 0., 1.];
+    assert_eq!(g.sq_dist(&other).unwrap(), 5.0);
+    assert_eq!(g.minus(&other).unwrap(), vec![0., 2., 0., 0., 0., 0., -1.]);
+    let err = g.sq_dist(&other[..6]).unwrap_err().to_string();
+    assert!(err.contains("6 vs 7 elements"), "{err}");
 }

@@ -15,8 +15,8 @@ pub mod solver;
 
 pub use plan::{policy_for, Estimator, PlanState, PlanStats, SlotReport, SlotState, VariancePlan};
 pub use sensitivity::{
-    estimate_per_slot, estimate_randomized, estimate_slots, flat_grad, NumericalConfig, ProbeMode,
-    ProbePolicy, Sampling, Sensitivities, SlotProbe,
+    estimate_per_slot, estimate_randomized, estimate_slots, flat_grad, NumericalConfig, ParamGrads,
+    ProbeMode, ProbePolicy, Sampling, Sensitivities, SlotProbe,
 };
 pub use solver::{allocate, allocate_greedy, solve, variance_factor, Allocation, TensorCost};
 

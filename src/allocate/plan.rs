@@ -26,7 +26,7 @@
 
 use super::analytic::{amplification, analytic_sensitivity, noise_energy_per_sample};
 use super::sensitivity::{
-    estimate_randomized, estimate_slots, flat_grad, NumericalConfig, Sampling, SlotProbe,
+    estimate_randomized, estimate_slots, NumericalConfig, ParamGrads, Sampling, SlotProbe,
 };
 use super::solver::{solve, TensorCost};
 use super::Allocator;
@@ -261,7 +261,7 @@ impl VariancePlan {
             let loss = tape.cross_entropy(&logits, &ys, CrossEntropyOptions::default())?;
             drop(logits);
             tape.backward(&loss, &mut model.params)?;
-            flat_grad(&model.params)
+            Ok(ParamGrads::of(&model.params))
         });
         snapshot.restore(model);
         result
@@ -269,13 +269,13 @@ impl VariancePlan {
 
     /// The numerical estimate with a caller-supplied pass: `grad_fn` runs forward, loss and
     /// backward on the given tape (already begun: do not call `begin_step`) and returns the
-    /// flattened gradient ([`flat_grad`]). The caller restores anything the passes change
+    /// parameter gradients ([`ParamGrads::of`]). The caller restores anything the passes change
     /// (batch-norm statistics, gradients). `batch_scale` = training batch / probe batch,
     /// used to size slots the training policy has not reported yet.
     pub fn estimate_with(
         &self,
         batch_scale: f64,
-        grad_fn: impl FnMut(&mut Tape) -> Result<Vec<f32>>,
+        grad_fn: impl FnMut(&mut Tape) -> Result<ParamGrads>,
     ) -> Result<()> {
         let cfg = self.numerical_config()?;
         self.estimate_inner(&cfg, batch_scale, 0, grad_fn)
@@ -295,7 +295,7 @@ impl VariancePlan {
         cfg: &NumericalConfig,
         batch_scale: f64,
         samples: usize,
-        grad_fn: impl FnMut(&mut Tape) -> Result<Vec<f32>>,
+        grad_fn: impl FnMut(&mut Tape) -> Result<ParamGrads>,
     ) -> Result<()> {
         let est = {
             let s = self.state()?;

@@ -31,8 +31,10 @@
 //!
 //! The caller's forward+backward runs through a closure on a fresh [`Tape`] whose policy is
 //! a [`ProbePolicy`]: the closure runs the model and the loss, calls `backward`, and returns
-//! the flattened parameter gradient ([`flat_grad`]). It must not call `Tape::begin_step`
-//! (the estimator has begun the step, pinning dropout masks to the same seed in every pass).
+//! the parameter gradients ([`ParamGrads::of`]: references, not copies — the estimator keeps
+//! one flattened copy, of the first pass, and compares later passes against it tensor by
+//! tensor). It must not call `Tape::begin_step` (the estimator has begun the step, pinning
+//! dropout masks to the same seed in every pass).
 
 use super::solver::variance_factor;
 use crate::compress::{dequantize_to_vec, quantize, QuantParams, QuantizedTensor, DEFAULT_GROUP};
@@ -217,23 +219,97 @@ impl PackedContext for ProbeContext {
 }
 
 /// Every trainable parameter's gradient, flattened in id order (zeros where a parameter got
-/// none, so every pass yields a vector of the same layout). Allocated once at its final size:
-/// grown by doubling it would briefly hold the old and the new buffer (up to 1.5x its size more)
-/// at the estimate's peak.
+/// none, so every pass yields a vector of the same layout).
 pub fn flat_grad(params: &ParamStore) -> Result<Vec<f32>> {
-    let len = params
-        .iter()
-        .filter(|(_, p)| p.trainable)
-        .map(|(_, p)| p.value.elem_count())
-        .sum();
-    let mut g = Vec::with_capacity(len);
-    for (_, p) in params.iter().filter(|(_, p)| p.trainable) {
-        match &p.grad {
-            Some(t) => g.extend(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?),
-            None => g.resize(g.len() + p.value.elem_count(), 0.0),
-        }
+    ParamGrads::of(params).flatten()
+}
+
+/// The trainable parameters' gradients after a pass, in id order: shared references to the
+/// store's tensors (no copy), with each parameter's element count (`None`: it got no
+/// gradient, read as zeros). Drop it before the next pass zeroes the store.
+pub struct ParamGrads(Vec<(usize, Option<Tensor>)>);
+
+impl ParamGrads {
+    pub fn of(params: &ParamStore) -> Self {
+        Self(
+            params
+                .iter()
+                .filter(|(_, p)| p.trainable)
+                .map(|(_, p)| (p.value.elem_count(), p.grad.clone()))
+                .collect(),
+        )
     }
-    Ok(g)
+
+    /// Elements of the flattened gradient.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|(n, _)| n).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// One vector, allocated once at its final size (grown by doubling it would briefly hold
+    /// the old and the new buffer at the estimate's peak).
+    pub fn flatten(&self) -> Result<Vec<f32>> {
+        let mut g = Vec::with_capacity(self.len());
+        self.for_each(|part| {
+            g.extend_from_slice(part);
+            Ok(())
+        })?;
+        Ok(g)
+    }
+
+    /// `Σ (self − flat)²` in f64, one parameter at a time (never a second flattened copy).
+    pub fn sq_dist(&self, flat: &[f32]) -> Result<f64> {
+        self.check_len(flat)?;
+        let mut at = 0;
+        let mut sum = 0f64;
+        self.for_each(|part| {
+            // Accumulated element by element in memory order: the same sum, to the bit, as
+            // over two flattened vectors.
+            for (a, b) in part.iter().zip(&flat[at..at + part.len()]) {
+                sum += ((a - b) as f64).powi(2);
+            }
+            at += part.len();
+            Ok(())
+        })?;
+        Ok(sum)
+    }
+
+    /// `self − flat`, flattened.
+    pub fn minus(&self, flat: &[f32]) -> Result<Vec<f32>> {
+        self.check_len(flat)?;
+        let mut out = Vec::with_capacity(flat.len());
+        self.for_each(|part| {
+            let other = &flat[out.len()..out.len() + part.len()];
+            out.extend(part.iter().zip(other).map(|(a, b)| a - b));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn check_len(&self, flat: &[f32]) -> Result<()> {
+        if self.len() != flat.len() {
+            bail!(
+                "gradient layout changed between passes ({} vs {} elements)",
+                flat.len(),
+                self.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with each parameter's gradient as f32 values, in order (zeros for none).
+    fn for_each(&self, mut f: impl FnMut(&[f32]) -> Result<()>) -> Result<()> {
+        for (n, g) in &self.0 {
+            match g {
+                Some(t) => f(&t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)?,
+                None => f(&vec![0.0; *n])?,
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A saved tensor the probe perturbed.
@@ -340,8 +416,8 @@ const PROBE_STEP: u64 = 0x0A11_0CA7;
 fn run_pass<P: ContextPolicy + 'static>(
     policy: P,
     tape_seed: u64,
-    grad_fn: &mut impl FnMut(&mut Tape) -> Result<Vec<f32>>,
-) -> Result<(Vec<f32>, Vec<ProbedSlot>)> {
+    grad_fn: &mut impl FnMut(&mut Tape) -> Result<ParamGrads>,
+) -> Result<(ParamGrads, Vec<ProbedSlot>)> {
     let mut tape = Tape::new(Box::new(policy)).with_seed(tape_seed);
     tape.set_step(PROBE_STEP);
     tape.begin_step();
@@ -380,7 +456,7 @@ pub fn estimate_randomized(
     cfg: &NumericalConfig,
     eligible: Option<&HashSet<usize>>,
     round: u64,
-    mut grad_fn: impl FnMut(&mut Tape) -> Result<Vec<f32>>,
+    mut grad_fn: impl FnMut(&mut Tape) -> Result<ParamGrads>,
 ) -> Result<Sensitivities> {
     cfg.validate()?;
     if cfg.sign_passes < 2 {
@@ -388,7 +464,7 @@ pub fn estimate_randomized(
     }
     let t0 = Instant::now();
     let k = cfg.sign_passes;
-    let (g0, _) = run_pass(KeepPolicy, cfg.seed, &mut grad_fn)?;
+    let g0 = run_pass(KeepPolicy, cfg.seed, &mut grad_fn)?.0.flatten()?;
     let noise_seed = splitmix64(cfg.seed ^ splitmix64(round));
     let mut diffs: Vec<Vec<f32>> = Vec::with_capacity(k);
     let mut slots: Option<Vec<ProbedSlot>> = None;
@@ -407,7 +483,7 @@ pub fn estimate_randomized(
                 slots = Some(probed);
             }
         }
-        diffs.push(g.iter().zip(&g0).map(|(a, b)| a - b).collect());
+        diffs.push(g.minus(&g0)?);
         sign_seeds.push(sign_seed);
     }
     let slots = slots.unwrap_or_default();
@@ -492,7 +568,7 @@ impl SlotProbe {
 /// target reseeded; `c_l = ½‖g0 − g_l‖² / S(bits)`. `1 + targets` passes.
 pub fn estimate_slots(
     probe: &SlotProbe,
-    mut grad_fn: impl FnMut(&mut Tape) -> Result<Vec<f32>>,
+    mut grad_fn: impl FnMut(&mut Tape) -> Result<ParamGrads>,
 ) -> Result<Sensitivities> {
     if !matches!(probe.bits, 1 | 2 | 4 | 8) {
         bail!("probe bits must be 1, 2, 4 or 8, got {}", probe.bits);
@@ -512,7 +588,9 @@ pub fn estimate_slots(
             None => p,
         }
     };
-    let (g0, probed) = run_pass(base(), probe.seed, &mut grad_fn)?;
+    let (pass0, probed) = run_pass(base(), probe.seed, &mut grad_fn)?;
+    let g0 = pass0.flatten()?;
+    drop(pass0); // its tensors would otherwise stay alive beside the next passes' gradients
     let targets: Vec<ProbedSlot> = match &probe.targets {
         Some(t) => probed
             .iter()
@@ -527,11 +605,7 @@ pub fn estimate_slots(
     for p in targets {
         let (g1, again) = run_pass(base().reseed([p.slot], alt), probe.seed, &mut grad_fn)?;
         check_same(&probed, &again, (g0.len(), g1.len()))?;
-        let d: f64 = g0
-            .iter()
-            .zip(&g1)
-            .map(|(a, b)| ((a - b) as f64).powi(2))
-            .sum();
+        let d = g1.sq_dist(&g0)?;
         out.push((p, 0.5 * d / s));
     }
     Ok(Sensitivities {
@@ -549,7 +623,7 @@ pub fn estimate_per_slot(
     group: usize,
     seed: u64,
     eligible: Option<&HashSet<usize>>,
-    grad_fn: impl FnMut(&mut Tape) -> Result<Vec<f32>>,
+    grad_fn: impl FnMut(&mut Tape) -> Result<ParamGrads>,
 ) -> Result<Sensitivities> {
     let mut probe = SlotProbe::new(bits, group, seed);
     probe.eligible = eligible.cloned();
