@@ -115,6 +115,14 @@ fn phase_peak(p: &MemoryProfile, phase: &str, unit: f64) -> f64 {
         .unwrap_or_else(|| panic!("no {phase} phase in the profile"))
 }
 
+/// The forward and backward peaks of a profile, in units of `unit` bytes.
+fn phase_peaks(p: &MemoryProfile, unit: f64) -> (f64, f64) {
+    (
+        phase_peak(p, "forward", unit),
+        phase_peak(p, "backward", unit),
+    )
+}
+
 /// Issue #5 ("peak under control"): at L3 the fp32 temporaries of a step, not the saved
 /// context, set the peak. Pins the forward and backward peaks above the steady state (they
 /// include the saved context and, in backward, the parameter gradients) in units of one
@@ -146,10 +154,7 @@ fn l3_step_transients_stay_within_a_few_layer_sizes() {
     let p = profile_step(&mut model, Level::L3, &x, &y, 1);
     actrain::ops::conv::set_workspace_bytes(actrain::ops::conv::DEFAULT_WORKSPACE_BYTES);
     let p = p.unwrap();
-    let (fwd, bwd) = (
-        phase_peak(&p, "forward", layer),
-        phase_peak(&p, "backward", layer),
-    );
+    let (fwd, bwd) = phase_peaks(&p, layer);
     println!("L3 transients: forward {fwd:.2} L, backward {bwd:.2} L");
     assert!(
         fwd <= 3.3,
@@ -228,19 +233,13 @@ fn l3_transformer_step_transients_stay_within_a_few_hidden_sizes() {
     let (x, y) = random_batch(&spec, batch, 5).unwrap();
     let mut model = Model::build(&def, &spec, 1).unwrap();
     let p = profile_step(&mut model, Level::L3, &x, &y, 1).unwrap();
-    let (fwd, bwd) = (
-        phase_peak(&p, "forward", hidden),
-        phase_peak(&p, "backward", hidden),
-    );
+    let (fwd, bwd) = phase_peaks(&p, hidden);
     println!("L3 transients: forward {fwd:.2} H, backward {bwd:.2} H");
     actrain::ops::set_context_chunk_bytes(Some(128 << 10));
     let p = profile_step(&mut model, Level::L3, &x, &y, 1);
     actrain::ops::set_context_chunk_bytes(None);
     let p = p.unwrap();
-    let (cf, cb) = (
-        phase_peak(&p, "forward", hidden),
-        phase_peak(&p, "backward", hidden),
-    );
+    let (cf, cb) = phase_peaks(&p, hidden);
     println!("L3 transients in 128 KiB chunks: forward {cf:.2} H, backward {cb:.2} H");
     assert!(
         cf <= 1.2,

@@ -41,7 +41,12 @@ pub fn set_context_chunk_bytes(bytes: Option<usize>) {
 /// Rows (of `row_bytes` each) per chunk so a chunk stays within [`CONTEXT_CHUNK_BYTES`]; at
 /// least 1, at most `rows`.
 pub(crate) fn chunk_rows_for(rows: usize, row_bytes: usize) -> usize {
-    (context_chunk_bytes() / row_bytes.max(1)).clamp(1, rows.max(1))
+    rows_within(context_chunk_bytes(), rows, row_bytes)
+}
+
+/// Rows of `row_bytes` that fit in `bytes`: at least 1, at most `rows`.
+fn rows_within(bytes: usize, rows: usize, row_bytes: usize) -> usize {
+    (bytes / row_bytes.max(1)).clamp(1, rows.max(1))
 }
 
 /// Bytes of per-chunk temporaries of the ops that run a whole block of layers a chunk of
@@ -54,7 +59,7 @@ pub const FUSED_CHUNK_BYTES: usize = 8 << 20;
 /// of [`set_context_chunk_bytes`], so that small tests still run in several chunks).
 pub(crate) fn fused_chunk_rows_for(rows: usize, row_bytes: usize) -> usize {
     let bytes = CHUNK_BYTES.with(|c| c.get()).unwrap_or(FUSED_CHUNK_BYTES);
-    (bytes / row_bytes.max(1)).clamp(1, rows.max(1))
+    rows_within(bytes, rows, row_bytes)
 }
 
 /// Whether a fused op that keeps its input and output whole and runs the rest in chunks of
