@@ -137,6 +137,13 @@ pub fn probe_sign(sign_seed: u64, slot: usize) -> f32 {
 }
 
 impl ContextPolicy for ProbePolicy {
+    /// As the compressing levels whose plan it measures: the probe's tape must save (and
+    /// number) the contexts a training step saves, and a rebuilt context's noise is its
+    /// sources', which their sensitivities then include.
+    fn recomputes_contexts(&self) -> bool {
+        true
+    }
+
     fn pack(&mut self, req: &SaveRequest) -> Result<Packed> {
         if !self.perturbs(req) {
             return Ok(Packed::Full(req.tensor.clone()));

@@ -218,6 +218,10 @@ impl ContextPolicy for CompressPolicy {
         self.cfg.level.compresses()
     }
 
+    fn recomputes_contexts(&self) -> bool {
+        self.cfg.level.compresses()
+    }
+
     fn pack_rows(&mut self, req: &RowsRequest) -> Result<Option<Box<dyn RowPacker>>> {
         // Quantized into place: f32 activations of at least `min_elements` on the CPU. The
         // rest (fp32 levels, masks, other dtypes and devices) is gathered and packed whole.

@@ -336,7 +336,7 @@ pub(crate) fn chunked_mask(m: &Saved, g: &Grad, mul: f64, add: f64) -> Result<Op
             }
             Ok(Some(out))
         }
-        Packed::Compressed(_) => Ok(None),
+        Packed::Compressed(_) | Packed::Recomputed(_) => Ok(None),
     }
 }
 

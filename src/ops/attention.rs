@@ -8,10 +8,11 @@
 
 use super::activation::{add_bias_rows, fused_cpu_kernels};
 use super::norm::{ChunkNorm, PreNorm};
-use crate::tape::{Grad, RowSave, SaveAs, Saved, Tape, Value};
+use crate::tape::{Grad, Recompute, RowSave, SaveAs, Saved, Tape, Value};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Storage, Tensor, WithDType, D};
 use rayon::prelude::*;
+use std::rc::Rc;
 
 /// The gradients of `q`, `k` and `v` (each where wanted).
 type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
@@ -138,7 +139,15 @@ impl Tape {
             }
             (y, self.finish_save_rows(rows)?)
         };
-        self.record_grad(OP, &[q, k, v], y, move |g, needs| {
+        // The output, for the op that reads it next (the output projection saves the merged
+        // heads): rebuilt as P v from the two saved factors instead of stored.
+        let rebuild = cv.as_ref().map(|cv| {
+            Rc::new(AttentionOutput {
+                p: cp.clone(),
+                v: cv.clone(),
+            }) as Rc<dyn Recompute>
+        });
+        let y = self.record_grad(OP, &[q, k, v], y, move |g, needs| {
             let g = g.into_tensor();
             // Samples `first..first + len` (all of them with `whole`): their gradients only
             // need their own rows of every context and of `g`.
@@ -223,7 +232,11 @@ impl Tape {
                 }
             }
             Ok(vec![own(gq), own(gk), own(gv)])
-        })
+        })?;
+        if let Some(r) = rebuild {
+            self.offer_recompute(&y, r);
+        }
+        Ok(y)
     }
 
     /// Multi-head attention over `x: [B, T, E]`: `q, k, v = linear(x, wq|wk|wv, b..)` (each
@@ -355,6 +368,52 @@ impl Tape {
     }
 }
 
+/// The attention output `P v` (`[B, H, Tq, Dv]`) rebuilt from the saved `P` and `v`: the
+/// product of two independently rounded factors, so unbiased where they are.
+struct AttentionOutput {
+    p: Saved,
+    v: Saved,
+}
+
+impl Recompute for AttentionOutput {
+    fn rows(&self, first: usize, count: usize) -> Result<Tensor> {
+        let p = self.p.load_rows(first, count)?;
+        Ok(p.matmul(&self.v.load_rows(first, count)?)?)
+    }
+    fn label(&self) -> String {
+        "from sdpa".into()
+    }
+}
+
+/// Heads `[B, H, T, Dh]` of `P v` merged to `[B, T, D]`, as the composed ops' transpose and
+/// reshape make them.
+fn merged_heads(p: &Tensor, v: &Tensor, t: usize, d: usize) -> Result<Tensor> {
+    let o = p.matmul(v)?;
+    let n = o.dims()[0];
+    Ok(o.transpose(1, 2)?.contiguous()?.reshape((n, t, d))?)
+}
+
+/// The merged heads of [`AttentionOutput`], for the fused node's log.
+struct MergedHeads {
+    p: Saved,
+    v: Saved,
+    t: usize,
+    d: usize,
+}
+
+impl Recompute for MergedHeads {
+    fn rows(&self, first: usize, count: usize) -> Result<Tensor> {
+        let (p, v) = (
+            self.p.load_rows(first, count)?,
+            self.v.load_rows(first, count)?,
+        );
+        merged_heads(&p, &v, self.t, self.d)
+    }
+    fn label(&self) -> String {
+        "from sdpa".into()
+    }
+}
+
 /// The inputs of a multi-head attention node in order: `x, wq, [bq], wk, [bk], wv, [bv], wo,
 /// [bo]`.
 fn mha_inputs<'a>(x: &'a Value, m: &MultiHeadAttention<'a>) -> Vec<&'a Value> {
@@ -464,7 +523,13 @@ impl Tape {
             Some(n) => Some(ChunkNorm::begin(self, x, n)?),
             None => None,
         };
+        // Where the policy rebuilds contexts, the projections' input (the norm's output) and
+        // the output projection's (the merged heads, `P v`) are rebuilt, as the composed ops'
+        // offers make them; `*_at` is where their log lines belong.
+        let rebuild = self.recomputes_contexts();
+        let n_at = self.log_place();
         let (cx, mut n_rows) = match cn {
+            Some(_) if rebuild => (None, None),
             Some(_) => {
                 let r = self.begin_save_rows("linear", &[b, t, e], dt, &dev, SaveAs::Activation)?;
                 (None, Some(r))
@@ -483,16 +548,16 @@ impl Tape {
         }
         let cwv = self.save("linear", m.wv, SaveAs::Activation)?;
         let head_dims = [b, h, t, dh];
-        let mut rows: Vec<RowSave> = Vec::with_capacity(5);
-        for (op, dims) in [
-            ("sdpa", head_dims.to_vec()),
-            ("sdpa", head_dims.to_vec()),
-            ("sdpa", head_dims.to_vec()),
-            ("sdpa", vec![b, h, t, t]),
-            ("linear", vec![b, t, d]),
-        ] {
-            rows.push(self.begin_save_rows(op, &dims, dt, &dev, SaveAs::Activation)?);
+        let mut rows: Vec<RowSave> = Vec::with_capacity(4);
+        for dims in [head_dims, head_dims, head_dims, [b, h, t, t]] {
+            rows.push(self.begin_save_rows("sdpa", &dims, dt, &dev, SaveAs::Activation)?);
         }
+        let merged_at = self.log_place();
+        let mut merged_rows = if rebuild {
+            None
+        } else {
+            Some(self.begin_save_rows("linear", &[b, t, d], dt, &dev, SaveAs::Activation)?)
+        };
         // With a norm the sum goes into `x`'s own buffer unless the norm kept it as it is.
         let norm_in_place =
             cn.as_ref().is_some_and(|c| !c.keeps_input_as_is()) && self.may_overwrite(x, None);
@@ -506,13 +571,15 @@ impl Tape {
         let (bq, bk, bv, bo) = (bias(m.bq), bias(m.bk), bias(m.bv), bias(m.bo));
         for (first, len) in super::row_chunks(b, chunk) {
             let x_rows = x.tensor().narrow(0, first, len)?;
-            let xc = match (cn.as_mut(), n_rows.as_mut()) {
-                (Some(cn), Some(r)) => {
+            let xc = match cn.as_mut() {
+                Some(cn) => {
                     let n = cn.forward(first, &x_rows)?;
-                    r.push(first, &n)?;
+                    if let Some(r) = n_rows.as_mut() {
+                        r.push(first, &n)?;
+                    }
                     n
                 }
-                _ => x_rows.clone(),
+                None => x_rows.clone(),
             }
             .reshape((len * t, e))?;
             let heads = |w: &Value, bias: Option<&Tensor>| -> Result<Tensor> {
@@ -533,7 +600,9 @@ impl Tape {
             drop((p, v));
             let merged = o.transpose(1, 2)?.contiguous()?.reshape((len, t, d))?;
             drop(o);
-            rows[4].push(first, &merged)?;
+            if let Some(r) = merged_rows.as_mut() {
+                r.push(first, &merged)?;
+            }
             let yc = project(&merged.reshape((len * t, d))?, m.wo.tensor(), bo.as_ref())?;
             let yc = yc.reshape((len, t, e_out))?;
             match &cn {
@@ -551,19 +620,37 @@ impl Tape {
             )?),
             None => None,
         };
-        let cx = match (cx, n_rows) {
-            (Some(c), _) => c,
-            (None, Some(r)) => self.finish_save_rows(r)?,
-            (None, None) => bail!("{OP}: the projections' input was not saved"),
+        let cx = match (cx, n_rows, &cn) {
+            (Some(c), _, _) => c,
+            (None, Some(r), _) => self.finish_save_rows(r)?,
+            (None, None, Some(cn)) => {
+                self.recomputed_context_at(n_at, "linear", cn.output(), &[b, t, e], dt, &dev)
+            }
+            (None, None, None) => bail!("{OP}: the projections' input was not saved"),
         };
-        let mut saved = Vec::with_capacity(5);
+        let mut saved = Vec::with_capacity(4);
         for r in rows {
             saved.push(self.finish_save_rows(r)?);
         }
+        let cm = match merged_rows {
+            Some(r) => Some(self.finish_save_rows(r)?),
+            None => None,
+        };
         let cwo = self.save("linear", m.wo, SaveAs::Activation)?;
-        let [cq, ck, cv, cp, cm]: [Saved; 5] = saved
+        let [cq, ck, cv, cp]: [Saved; 4] = saved
             .try_into()
-            .map_err(|_| anyhow::anyhow!("{OP}: five contexts expected"))?;
+            .map_err(|_| anyhow::anyhow!("{OP}: four contexts expected"))?;
+        if cm.is_none() {
+            // Logged like the composed output projection's save; backward forms the chunk's
+            // `P v` from the P and v it loads anyway rather than through this handle.
+            let merged = Rc::new(MergedHeads {
+                p: cp.clone(),
+                v: cv.clone(),
+                t,
+                d,
+            });
+            drop(self.recomputed_context_at(merged_at, "linear", merged, &[b, t, d], dt, &dev));
+        }
         let has = [
             m.bq.is_some(),
             m.bk.is_some(),
@@ -606,8 +693,15 @@ impl Tape {
             for (first, len) in super::row_chunks(b, chunk) {
                 let n = len * t;
                 let gc = g.narrow(0, first, len)?.reshape((n, e_out))?;
-                let merged = cm.load_rows(first, len)?.reshape((n, d))?;
-                add(&mut gw[3], gc.t()?.matmul(&merged)?)?;
+                // The merged heads, stored or rebuilt from the chunk's P and v.
+                let (merged, mut pv) = match &cm {
+                    Some(cm) => (cm.load_rows(first, len)?, None),
+                    None => {
+                        let (p, v) = (cp.load_rows(first, len)?, cv.load_rows(first, len)?);
+                        (merged_heads(&p, &v, t, d)?, Some((p, v)))
+                    }
+                };
+                add(&mut gw[3], gc.t()?.matmul(&merged.reshape((n, d))?)?)?;
                 drop(merged);
                 add(&mut gb[3], gc.sum(0)?)?;
                 let go = gc
@@ -617,8 +711,12 @@ impl Tape {
                     .contiguous()?;
                 drop(gc);
                 // The attention backward of the chunk, as in `scaled_dot_product_attention`.
-                let dp = go.matmul(&cv.load_rows(first, len)?.t()?)?;
-                let p = cp.load_rows(first, len)?;
+                let (p, v) = match pv.take() {
+                    Some(pv) => pv,
+                    None => (cp.load_rows(first, len)?, cv.load_rows(first, len)?),
+                };
+                let dp = go.matmul(&v.t()?)?;
+                drop(v);
                 let gv = p.t()?.matmul(&go)?;
                 drop(go);
                 let ds = mask.softmax_backward_owned(&p, dp)?;

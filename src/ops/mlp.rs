@@ -98,9 +98,15 @@ impl Tape {
             .chain([hidden])
             .collect();
         // The composed ops' saves in their order: layer_norm (x, mean, rstd, gamma), linear
-        // (its input n, w1), gelu (h), linear (a, w2).
+        // (its input n — rebuilt from the norm's where the policy does so — and w1), gelu
+        // (h), linear (a, w2).
         let mut cn = ChunkNorm::begin(self, &x, norm)?;
-        let mut n_rows = self.begin_save_rows("linear", &dims, dt, &dev, SaveAs::Activation)?;
+        let n_at = self.log_place();
+        let mut n_rows = if self.recomputes_contexts() {
+            None
+        } else {
+            Some(self.begin_save_rows("linear", &dims, dt, &dev, SaveAs::Activation)?)
+        };
         let cw1 = self.save("linear", m.w1, SaveAs::Activation)?;
         let mut h_rows = self.begin_save_rows("gelu", &hid_dims, dt, &dev, SaveAs::Activation)?;
         let mut a_rows = self.begin_save_rows("linear", &hid_dims, dt, &dev, SaveAs::Activation)?;
@@ -116,7 +122,9 @@ impl Tape {
             let rows = len * per;
             let xc = x.tensor().narrow(0, first, len)?;
             let n = cn.forward(first, &xc)?;
-            n_rows.push(first, &n)?;
+            if let Some(r) = n_rows.as_mut() {
+                r.push(first, &n)?;
+            }
             let n = n.reshape((rows, in_f))?;
             let saves = (&mut h_rows, Some(&mut a_rows));
             let yc = chunk_forward(&n, m, (&w1t, &w2t), &hid_dims, first, len, saves)?;
@@ -130,7 +138,10 @@ impl Tape {
             crate::memory::check_budget()?;
         }
         let cn = cn.finish(self, norm.gamma.is_some(), norm.beta.is_some())?;
-        let cx = self.finish_save_rows(n_rows)?;
+        let cx = match n_rows {
+            Some(r) => self.finish_save_rows(r)?,
+            None => self.recomputed_context_at(n_at, "linear", cn.output(), &dims, dt, &dev),
+        };
         let ch = self.finish_save_rows(h_rows)?;
         let ca = self.finish_save_rows(a_rows)?;
         let cw2 = self.save("linear", m.w2, SaveAs::Activation)?;

@@ -14,11 +14,12 @@
 //! input gradient into the output gradient's buffer when the tape hands that over as owned,
 //! so it holds one layer-sized tensor and a chunk rather than three layer-sized tensors.
 
-use crate::tape::{Grad, RowSave, SaveAs, Saved, Tape, Value};
+use crate::tape::{Grad, Recompute, RowSave, SaveAs, Saved, Tape, Value};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Layout, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 use std::cell::Cell;
+use std::rc::Rc;
 
 /// Running statistics of a batch norm layer, `[C]` each (the layer's buffers).
 #[derive(Clone, Debug)]
@@ -838,6 +839,7 @@ pub(crate) struct ChunkNorm {
 /// What a [`ChunkNorm`] saved, for the branch's backward.
 pub(crate) struct ChunkNormCtx {
     gamma: Option<Tensor>,
+    beta: Option<Tensor>,
     cx: Saved,
     mean: Saved,
     rstd: Saved,
@@ -898,6 +900,7 @@ impl ChunkNorm {
         let d = self.cx.shape().dims().last().copied().unwrap_or(1).max(1);
         Ok(ChunkNormCtx {
             gamma: self.gamma,
+            beta: self.beta,
             cx: self.cx,
             mean: tape.finish_save_rows(self.mean)?,
             rstd: tape.finish_save_rows(self.rstd)?,
@@ -911,6 +914,20 @@ impl ChunkNorm {
 }
 
 impl ChunkNormCtx {
+    /// The norm's output rebuilt from what it saved, as the composed `layer_norm` offers it
+    /// to the linear layer that reads it ([`NormOutput`]).
+    pub(crate) fn output(&self) -> Rc<dyn Recompute> {
+        Rc::new(NormOutput {
+            x: self.cx.clone(),
+            mean: Some(self.mean.clone()),
+            rstd: self.rstd.clone(),
+            gamma: self.gamma.clone(),
+            beta: self.beta.clone(),
+            d: self.d,
+            op: "layer_norm",
+        })
+    }
+
     /// The input gradient of samples `first..first + len` from the gradient `g` (`[rows, d]`)
     /// of their normalised rows; the parameter gradients are summed into `gg`, `gb`.
     pub(crate) fn backward(
@@ -1214,8 +1231,21 @@ impl Tape {
             _ => None,
         };
         drop((mean, rstd));
+        // The output, for the op that reads it next (a linear layer saves it): rebuilt from
+        // the saved input and statistics instead of stored a second time.
+        let rebuild = cx.as_ref().map(|(x, mean, rstd)| {
+            Rc::new(NormOutput {
+                x: x.clone(),
+                mean: mean.clone(),
+                rstd: rstd.clone(),
+                gamma: gt.cloned(),
+                beta: bt.cloned(),
+                d,
+                op,
+            }) as Rc<dyn Recompute>
+        });
         let (has_gamma, has_beta) = (gamma.is_some(), beta.is_some());
-        self.record_grad(op, &inputs, y, move |g, needs| {
+        let y = self.record_grad(op, &inputs, y, move |g, needs| {
             let ig = if has_gamma { Some(1) } else { None };
             let ib = if has_beta {
                 Some(1 + has_gamma as usize)
@@ -1318,7 +1348,53 @@ impl Tape {
                 grads.push(gb.map(Grad::owned));
             }
             Ok(grads)
-        })
+        })?;
+        if let Some(r) = rebuild {
+            self.offer_recompute(&y, r);
+        }
+        Ok(y)
+    }
+}
+
+/// A layer (or RMS) norm's output rebuilt from its saved input `x` (`[B, .., d]`) and
+/// per-row statistics: `(x - mean) · rstd · gamma + beta`. The statistics are exact, so the
+/// output is an affine function of the (quantized) input: unbiased where the input is, and
+/// read in the same rows.
+pub(crate) struct NormOutput {
+    x: Saved,
+    /// `[rows, 1]`; none for RMS norm.
+    mean: Option<Saved>,
+    rstd: Saved,
+    gamma: Option<Tensor>,
+    beta: Option<Tensor>,
+    d: usize,
+    op: &'static str,
+}
+
+impl Recompute for NormOutput {
+    fn rows(&self, first: usize, count: usize) -> Result<Tensor> {
+        let x = self.x.load_rows(first, count)?;
+        let dims = x.dims().to_vec();
+        let n = x.elem_count() / self.d;
+        let per = n / count.max(1);
+        let x = x.reshape((n, self.d))?;
+        let stat = |s: &Saved| -> Result<Tensor> { Ok(s.load()?.narrow(0, first * per, n)?) };
+        let mut y = match &self.mean {
+            Some(m) => x.broadcast_sub(&stat(m)?)?,
+            None => x,
+        }
+        .broadcast_mul(&stat(&self.rstd)?)?;
+        if let Some(g) = &self.gamma {
+            y = y.broadcast_mul(g)?;
+        }
+        if let Some(b) = &self.beta {
+            y = y.broadcast_add(b)?;
+        }
+        Ok(y.reshape(dims)?)
+    }
+
+    fn label(&self) -> String {
+        format!("from {}", self.op)
     }
 }
 

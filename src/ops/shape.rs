@@ -1,18 +1,27 @@
 //! Shape ops: reshape, flatten, transpose/permute, concat, narrow/split. None saves a tensor;
 //! their context is the input shape (or the split points).
 
-use crate::tape::{SaveAs, Tape, Value};
+use crate::tape::{Recompute, SaveAs, Tape, Value};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
+use std::rc::Rc;
 
 impl Tape {
     /// Same elements, new shape.
     pub fn reshape(&mut self, x: &Value, dims: &[usize]) -> Result<Value> {
         let y = x.tensor().reshape(dims)?;
         let in_shape = x.shape().clone();
-        self.record_grad("reshape", &[x], y, move |g, _| {
+        let y = self.record_grad("reshape", &[x], y, move |g, _| {
             Ok(vec![Some(g.map_view(|g| Ok(g.reshape(&in_shape)?))?)])
-        })
+        })?;
+        // A rebuildable input stays rebuildable while the batch dim is left alone.
+        if let Some(inner) = self.recompute_of(x) {
+            if dims.first() == x.dims().first() {
+                let tail = dims[1..].to_vec();
+                self.offer_recompute(&y, Rc::new(Reshaped { inner, tail }));
+            }
+        }
+        Ok(y)
     }
 
     /// Merges dims `start..` into one: `[N, C, H, W]` -> `[N, C*H*W]` for `start = 1`.
@@ -31,11 +40,17 @@ impl Tape {
     /// Swaps two dims (the result is made contiguous so later ops see a plain layout).
     pub fn transpose(&mut self, x: &Value, d1: usize, d2: usize) -> Result<Value> {
         let y = x.tensor().transpose(d1, d2)?.contiguous()?;
-        self.record_grad("transpose", &[x], y, move |g, _| {
+        let y = self.record_grad("transpose", &[x], y, move |g, _| {
             Ok(vec![Some(
                 g.map_view(|g| Ok(g.transpose(d1, d2)?.contiguous()?))?,
             )])
-        })
+        })?;
+        if let Some(inner) = self.recompute_of(x) {
+            if d1 != 0 && d2 != 0 {
+                self.offer_recompute(&y, Rc::new(Transposed { inner, d1, d2 }));
+            }
+        }
+        Ok(y)
     }
 
     /// Reorders dims: output dim i is input dim `perm[i]`.
@@ -141,5 +156,41 @@ impl Tape {
             let zeros = Tensor::zeros(&in_shape, g.dtype(), g.device())?;
             Ok(vec![Some(zeros.index_add(&saved.load()?, &g, 0)?)])
         })
+    }
+}
+
+/// A rebuildable tensor reshaped with its batch dim kept: `tail` is the new shape after it.
+struct Reshaped {
+    inner: Rc<dyn Recompute>,
+    tail: Vec<usize>,
+}
+
+impl Recompute for Reshaped {
+    fn rows(&self, first: usize, count: usize) -> Result<Tensor> {
+        let dims: Vec<usize> = [count]
+            .into_iter()
+            .chain(self.tail.iter().copied())
+            .collect();
+        Ok(self.inner.rows(first, count)?.reshape(dims)?)
+    }
+    fn label(&self) -> String {
+        self.inner.label()
+    }
+}
+
+/// A rebuildable tensor with two non-batch dims swapped (made contiguous, as the op does).
+struct Transposed {
+    inner: Rc<dyn Recompute>,
+    d1: usize,
+    d2: usize,
+}
+
+impl Recompute for Transposed {
+    fn rows(&self, first: usize, count: usize) -> Result<Tensor> {
+        let t = self.inner.rows(first, count)?;
+        Ok(t.transpose(self.d1, self.d2)?.contiguous()?)
+    }
+    fn label(&self) -> String {
+        self.inner.label()
     }
 }

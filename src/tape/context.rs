@@ -72,12 +72,26 @@ pub trait PackedContext {
     fn label(&self) -> String;
 }
 
+/// A context rebuilt in backward from contexts other ops saved, instead of stored: a layer
+/// norm's output from the norm's saved input and statistics (an affine function of it, so a
+/// quantized input gives an unbiased output), the attention output from its saved `P` and
+/// `v` (a product of two independently rounded factors, unbiased too). It holds the handles
+/// it reads, so they live as long as it does.
+pub trait Recompute {
+    /// Rows `first..first + count` of dim 0 of the tensor, a new tensor.
+    fn rows(&self, first: usize, count: usize) -> Result<Tensor>;
+    /// What it is rebuilt from, for reports: "from layer_norm", ...
+    fn label(&self) -> String;
+}
+
 /// How a context is held.
 pub enum Packed {
     /// The tensor as it is (a reference to the forward tensor: no copy is made).
     Full(Tensor),
     /// Anything a compression policy produced.
     Compressed(Box<dyn PackedContext>),
+    /// Nothing of its own: rebuilt from other contexts when read (see [`Recompute`]).
+    Recomputed(Rc<dyn Recompute>),
 }
 
 /// What a policy is asked to store.
@@ -146,6 +160,13 @@ pub trait ContextPolicy {
     fn pack_rows(&mut self, _req: &RowsRequest) -> Result<Option<Box<dyn RowPacker>>> {
         Ok(None)
     }
+    /// Whether a context that another op's contexts determine (a [`Recompute`] offered with
+    /// [`Tape::offer_recompute`](super::Tape::offer_recompute)) is rebuilt in backward rather
+    /// than stored: at L1–L4, where the contexts are compressed anyway. L0 stays the fp32
+    /// baseline a framework that stores each op's tensors would hold.
+    fn recomputes_contexts(&self) -> bool {
+        false
+    }
     /// Whether activations are stored compressed (L1–L4). Ops that fuse layers into batch
     /// chunks only pay off then: with contexts kept as they are, the whole tensors exist
     /// anyway and the chunks would only add copies and per-op costs.
@@ -193,6 +214,7 @@ impl Saved {
             (Packed::Full(t), SaveAs::SignMask) => Ok(t.gt(0.0)?.to_dtype(e.dtype)?),
             (Packed::Full(t), _) => Ok(t.clone()),
             (Packed::Compressed(c), _) => c.unpack(&e.shape, e.dtype, &e.device),
+            (Packed::Recomputed(r), _) => r.rows(0, self.rows()),
         }
     }
     /// Like [`Saved::load`], but the tensor is the caller's alone, so a backward rule may write
@@ -207,6 +229,8 @@ impl Saved {
             (Packed::Compressed(c), SaveAs::SignMask) => c.unpack(&e.shape, e.dtype, &e.device),
             (Packed::Full(t), _) => Ok(t.copy()?),
             (Packed::Compressed(c), _) => Ok(c.unpack(&e.shape, e.dtype, &e.device)?.copy()?),
+            // A new tensor already.
+            (Packed::Recomputed(r), _) => r.rows(0, self.rows()),
         }
     }
 
@@ -226,12 +250,14 @@ impl Saved {
     /// compressed activation of rank > 1 (the compression policy quantizes those per sample,
     /// so a chunk dequantizes only its rows; a [`PackedContext`] without its own
     /// `unpack_rows` is still correct, only slower), and for a sign mask of rank > 1 (its
-    /// bits are laid out per sample, so a row range expands only those bits). False for
-    /// packed indices, whose format unpacks whole.
+    /// bits are laid out per sample, so a row range expands only those bits), and for a
+    /// recomputed context of rank > 1 (rebuilt from its sources' rows). False for packed
+    /// indices, whose format unpacks whole.
     pub fn loads_rows_cheaply(&self) -> bool {
         let e = &*self.0;
         match (&e.packed, e.kind) {
             (Packed::Full(_), _) => true,
+            (Packed::Recomputed(_), _) => e.shape.rank() > 1,
             (Packed::Compressed(_), SaveAs::Activation | SaveAs::SignMask) => e.shape.rank() > 1,
             _ => false,
         }
@@ -246,6 +272,7 @@ impl Saved {
             }
             (Packed::Full(t), _) => Ok(t.narrow(0, first, count)?),
             (Packed::Compressed(c), _) => c.unpack_rows(&e.shape, e.dtype, &e.device, first, count),
+            (Packed::Recomputed(r), _) => r.rows(first, count),
         }
     }
     pub fn shape(&self) -> &Shape {
@@ -260,7 +287,7 @@ pub struct ContextRecord {
     /// The model layer that was running (set with `Tape::set_scope`), e.g. `layer1.0`.
     pub scope: Rc<str>,
     pub op: &'static str,
-    /// "fp32", "q2", "mask1", "idx4", "param", "seed", "shape", ...
+    /// "fp32", "q2", "mask1", "idx4", "param", "seed", "shape", "from layer_norm", ...
     pub repr: String,
     pub shape: Vec<usize>,
     pub bits: f32,

@@ -18,8 +18,8 @@ pub mod gradcheck;
 pub mod params;
 
 pub use context::{
-    ContextPolicy, ContextRecord, GradObservation, KeepPolicy, Packed, PackedContext, RowPacker,
-    RowsRequest, SaveAs, SaveRequest, Saved,
+    ContextPolicy, ContextRecord, GradObservation, KeepPolicy, Packed, PackedContext, Recompute,
+    RowPacker, RowsRequest, SaveAs, SaveRequest, Saved,
 };
 pub use params::{Param, ParamId, ParamStore};
 
@@ -160,6 +160,10 @@ pub struct Tape {
     training: bool,
     policy: Box<dyn ContextPolicy>,
     dedup: HashMap<(ValueId, u8), Weak<SavedEntry>>,
+    /// Op outputs a later save may rebuild from contexts already saved
+    /// ([`Tape::offer_recompute`]); cleared when backward starts, so no offer keeps a
+    /// context alive past the node that saved it.
+    recompute: HashMap<ValueId, Rc<dyn Recompute>>,
     param_of: HashMap<ValueId, ParamId>,
     records: Vec<ContextRecord>,
     slot: usize,
@@ -168,6 +172,14 @@ pub struct Tape {
     seed_counter: u64,
     live_context: Rc<Cell<usize>>,
     scope: Rc<str>,
+}
+
+/// A place in the context log ([`Tape::log_place`]): the slot the next save would take and
+/// how many lines were already logged under it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LogPlace {
+    slot: usize,
+    earlier: usize,
 }
 
 /// A context being saved in row chunks ([`Tape::begin_save_rows`]).
@@ -235,6 +247,7 @@ impl Tape {
             training: true,
             policy,
             dedup: HashMap::new(),
+            recompute: HashMap::new(),
             param_of: HashMap::new(),
             records: Vec::new(),
             slot: 0,
@@ -288,6 +301,7 @@ impl Tape {
         self.nodes.clear();
         self.unclaimed_slots.clear();
         self.dedup.clear();
+        self.recompute.clear();
         self.param_of.clear();
         self.records.clear();
         self.slot = 0;
@@ -365,10 +379,107 @@ impl Tape {
             });
             return Ok(Saved(entry));
         }
-        let is_param = self.param_of.contains_key(&value.id);
-        let saved = self.save_tensor(op, &value.tensor, kind, is_param)?;
+        let saved = match self.recompute.get(&value.id) {
+            Some(r) if kind == SaveAs::Activation => {
+                let r = r.clone();
+                let t = &value.tensor;
+                self.recomputed_context(op, r, t.dims(), t.dtype(), t.device())
+            }
+            _ => {
+                let is_param = self.param_of.contains_key(&value.id);
+                self.save_tensor(op, &value.tensor, kind, is_param)?
+            }
+        };
         self.dedup.insert(key, Rc::downgrade(&saved.0));
         Ok(saved)
+    }
+
+    /// Offers `value` (an op's output) as rebuildable from contexts already saved: a later
+    /// [`Tape::save`] of it as an activation gets `r` — no storage of its own, no slot —
+    /// where the policy rebuilds such contexts ([`ContextPolicy::recomputes_contexts`],
+    /// L1–L4); elsewhere the offer is ignored and the save stores the tensor as usual.
+    pub fn offer_recompute(&mut self, value: &Value, r: Rc<dyn Recompute>) {
+        if self.recording && self.policy.recomputes_contexts() {
+            self.recompute.insert(value.id, r);
+        }
+    }
+
+    /// The recompute offered for `value`, if any (a shape op passes it on to its output).
+    pub(crate) fn recompute_of(&self, value: &Value) -> Option<Rc<dyn Recompute>> {
+        self.recompute.get(&value.id).cloned()
+    }
+
+    /// Whether contexts that other contexts determine are rebuilt rather than stored (see
+    /// [`ContextPolicy::recomputes_contexts`]); fused ops that save in rows ask before
+    /// deciding to save or to rebuild, so they take the composed ops' slots.
+    pub fn recomputes_contexts(&self) -> bool {
+        self.policy.recomputes_contexts()
+    }
+
+    /// A context rebuilt by `r` (a tensor of `shape`/`dtype` on `device`), logged in this
+    /// slot's place like a deduplicated save: no slot of its own, no stored bytes, and what
+    /// L0 would store for it as its uncompressed size.
+    fn recomputed_context(
+        &mut self,
+        op: &'static str,
+        r: Rc<dyn Recompute>,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Saved {
+        self.recomputed_context_at(self.log_place(), op, r, shape, dtype, device)
+    }
+
+    /// Where the next line of the context log goes: a fused op notes it for a context it can
+    /// only build later (see [`Tape::recomputed_context_at`]).
+    pub(crate) fn log_place(&self) -> LogPlace {
+        let earlier = self
+            .records
+            .iter()
+            .rev()
+            .take_while(|r| r.slot == self.slot)
+            .count();
+        LogPlace {
+            slot: self.slot,
+            earlier,
+        }
+    }
+
+    /// [`Tape::recomputed_context`] logged where it would have been at `at` (a fused op
+    /// builds the rebuild from contexts it finishes after its other saves): after the lines
+    /// logged by then, before those logged since.
+    pub(crate) fn recomputed_context_at(
+        &mut self,
+        at: LogPlace,
+        op: &'static str,
+        r: Rc<dyn Recompute>,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Saved {
+        let shape = Shape::from_dims(shape);
+        let rec = ContextRecord {
+            slot: at.slot,
+            scope: self.scope.clone(),
+            op,
+            repr: r.label(),
+            shape: shape.dims().to_vec(),
+            bits: 0.0,
+            stored_bytes: 0,
+            uncompressed_bytes: shape.elem_count() * dtype.size_in_bytes(),
+            shared: false,
+        };
+        let pos = self.records.partition_point(|r| r.slot < at.slot) + at.earlier;
+        self.records.insert(pos.min(self.records.len()), rec);
+        Saved(Rc::new(SavedEntry {
+            kind: SaveAs::Activation,
+            packed: Packed::Recomputed(r),
+            shape,
+            dtype,
+            device: device.clone(),
+            bytes: 0,
+            live: self.live_context.clone(),
+        }))
     }
 
     /// Whether an op handed `x` by value may write its output into `x`'s buffer (a forward
@@ -490,6 +601,7 @@ impl Tape {
                 (label, (full.dtype().size_in_bytes() * 8) as f32, b)
             }
             Packed::Compressed(c) => (c.label(), c.bits(), c.stored_bytes()),
+            Packed::Recomputed(r) => (r.label(), 0.0, 0),
         };
         self.push_record(ContextRecord {
             slot,
@@ -831,6 +943,7 @@ impl Tape {
                 loss.tensor.dims()
             );
         }
+        self.recompute.clear();
         let result = self.run_backward(loss, params, &mut after_node);
         // Whatever happened, nothing of this step's graph may outlive backward.
         self.nodes.clear();

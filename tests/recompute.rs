@@ -1,0 +1,270 @@
+//! Contexts rebuilt from other contexts instead of stored (`Tape::offer_recompute`): a layer
+//! norm's output (the input of the linear layer after it) from the norm's saved input and
+//! statistics, and the attention output (the output projection's input) from the saved `P`
+//! and `v`. At L1–L4 they cost no storage; L0 still stores them (the fp32 baseline).
+//!
+//! Checked here: with nothing rounded, the rebuilt contexts give the stored ones' gradients
+//! (composed ops and the fused pre-norm halves); at L3 the log shows them as rebuilt, with
+//! zero bytes and L0's bytes as their uncompressed size; and the gradients that read them
+//! only linearly stay unbiased.
+
+use actrain::compress::policy::{CompressConfig, CompressPolicy, Level};
+use actrain::ops::activation::{set_fused_cpu_kernels, GeluApprox};
+use actrain::ops::attention::MultiHeadAttention;
+use actrain::ops::mlp::Mlp;
+use actrain::ops::norm::PreNorm;
+use actrain::ops::set_context_chunk_bytes;
+use actrain::tape::gradcheck::random_tensor;
+use actrain::tape::{
+    ContextPolicy, ContextRecord, KeepPolicy, Packed, ParamStore, SaveRequest, Tape, Value,
+};
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+
+/// Keeps every context as it is (nothing rounded) but rebuilds what can be rebuilt, and
+/// says it compresses so that the fused paths run too.
+struct KeepButRebuild;
+
+impl ContextPolicy for KeepButRebuild {
+    fn pack(&mut self, req: &SaveRequest) -> Result<Packed> {
+        Ok(Packed::Full(req.tensor.clone()))
+    }
+    fn recomputes_contexts(&self) -> bool {
+        true
+    }
+    fn compresses_activations(&self) -> bool {
+        true
+    }
+}
+
+fn l3(seed: u64) -> Box<dyn ContextPolicy> {
+    Box::new(CompressPolicy::new(CompressConfig {
+        level: Level::L3,
+        seed,
+        min_elements: 0,
+        ..Default::default()
+    }))
+}
+
+fn l0() -> Box<dyn ContextPolicy> {
+    Box::new(CompressPolicy::new(CompressConfig {
+        level: Level::L0,
+        min_elements: 0,
+        ..Default::default()
+    }))
+}
+
+fn rand32(dims: &[usize], seed: u64, scale: f64) -> Tensor {
+    (random_tensor(dims, seed).unwrap() * scale)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+/// x, gamma, beta, wq, wk, wv, wo, w1, b1, w2, b2 of a pre-norm block over `[4, 6, 8]`.
+fn block_inputs() -> Vec<Tensor> {
+    vec![
+        rand32(&[4, 6, 8], 90, 1.0),
+        rand32(&[8], 91, 1.0),
+        rand32(&[8], 92, 0.5),
+        rand32(&[8, 8], 93, 0.5),
+        rand32(&[8, 8], 94, 0.5),
+        rand32(&[8, 8], 95, 0.5),
+        rand32(&[8, 8], 96, 0.5),
+        rand32(&[16, 8], 97, 0.5),
+        rand32(&[16], 98, 0.5),
+        rand32(&[8, 16], 99, 0.5),
+        rand32(&[8], 100, 0.5),
+    ]
+}
+
+/// A pre-norm transformer block, as fused halves (`prenorm`) or as `layer_norm` followed by
+/// the composed ops.
+fn block(t: &mut Tape, v: &[Value], prenorm: bool) -> Result<Value> {
+    let x = t.scale(&v[0], 1.0)?;
+    let norm = PreNorm {
+        gamma: Some(&v[1]),
+        beta: Some(&v[2]),
+        eps: 1e-5,
+    };
+    let attn = MultiHeadAttention {
+        causal: true,
+        ..MultiHeadAttention::new(&v[3], &v[4], &v[5], &v[6], 2)
+    };
+    let mlp = Mlp {
+        w1: &v[7],
+        b1: Some(&v[8]),
+        w2: &v[9],
+        b2: Some(&v[10]),
+        approx: GeluApprox::Tanh,
+    };
+    if prenorm {
+        let x1 = t.prenorm_attention_residual(x, &norm, &attn)?;
+        return t.prenorm_mlp_residual(x1, &norm, &mlp);
+    }
+    let n1 = t.layer_norm(&x, norm.gamma, norm.beta, norm.eps)?;
+    let a = t.multi_head_attention(&n1, &attn)?;
+    drop(n1);
+    let x1 = t.add(&a, &x)?;
+    let n2 = t.layer_norm(&x1, norm.gamma, norm.beta, norm.eps)?;
+    let m = t.mlp(&n2, &mlp)?;
+    t.add(&m, &x1)
+}
+
+/// Output, every input's gradient and the context log of one step of `f` under `policy`.
+fn run(
+    policy: Box<dyn ContextPolicy>,
+    inputs: &[Tensor],
+    f: &dyn Fn(&mut Tape, &[Value]) -> Result<Value>,
+) -> (Tensor, Vec<Option<Tensor>>, Vec<ContextRecord>) {
+    let mut store = ParamStore::new();
+    let ids: Vec<_> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| store.add(format!("in{i}"), t.clone()).unwrap())
+        .collect();
+    let mut tape = Tape::new(policy).with_seed(11);
+    tape.begin_step();
+    let vals: Vec<Value> = ids.iter().map(|&id| tape.param(&store, id)).collect();
+    let out = f(&mut tape, &vals).unwrap();
+    let r = tape.constant(rand32(out.dims(), 7, 1.0));
+    let prod = tape.mul(&out, &r).unwrap();
+    let loss = tape.sum_all(&prod).unwrap();
+    let log = tape.context_log().to_vec();
+    tape.backward(&loss, &mut store).unwrap();
+    let grads = ids.iter().map(|&id| store.grad(id).cloned()).collect();
+    (out.into_tensor(), grads, log)
+}
+
+fn max_scaled_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    d.to_scalar::<f32>().unwrap() / scale.max(1e-30)
+}
+
+fn rebuilt(log: &[ContextRecord]) -> Vec<(&str, String, Vec<usize>)> {
+    log.iter()
+        .filter(|r| r.repr.starts_with("from "))
+        .map(|r| (r.op, r.repr.clone(), r.shape.clone()))
+        .collect()
+}
+
+/// Nothing rounded, so rebuilding must not change a thing: the same output and gradients as
+/// storing every context, on the composed ops and on the fused pre-norm halves (in several
+/// chunks), with the three rebuilt contexts in the log at zero bytes.
+#[test]
+fn rebuilt_contexts_give_the_stored_contexts_gradients() {
+    let inputs = block_inputs();
+    for prenorm in [false, true] {
+        for chunk in [None, Some(512)] {
+            set_context_chunk_bytes(chunk);
+            let f = |t: &mut Tape, v: &[Value]| block(t, v, prenorm);
+            let (out_k, grads_k, log_k) = run(Box::new(KeepPolicy), &inputs, &f);
+            let (out_r, grads_r, log_r) = run(Box::new(KeepButRebuild), &inputs, &f);
+            set_context_chunk_bytes(None);
+            let what = format!("prenorm {prenorm}, chunk {chunk:?}");
+            assert!(max_scaled_diff(&out_r, &out_k) < 1e-6, "{what}: outputs");
+            for (i, (a, b)) in grads_r.iter().zip(&grads_k).enumerate() {
+                let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+                let d = max_scaled_diff(a, b);
+                assert!(d < 1e-5, "{what}: gradient of input {i} differs by {d:.2e}");
+            }
+            assert!(rebuilt(&log_k).is_empty(), "{what}: KeepPolicy rebuilds");
+            let expect = vec![
+                ("linear", "from layer_norm".to_string(), vec![4, 6, 8]),
+                ("linear", "from sdpa".to_string(), vec![4, 6, 8]),
+                ("linear", "from layer_norm".to_string(), vec![4, 6, 8]),
+            ];
+            assert_eq!(rebuilt(&log_r), expect, "{what}");
+            for r in log_r.iter().filter(|r| r.repr.starts_with("from ")) {
+                assert_eq!(r.stored_bytes, 0, "{what}: {r:?}");
+                assert_eq!(r.uncompressed_bytes, 4 * 6 * 8 * 4, "{what}: {r:?}");
+            }
+            // One context fewer per rebuilt one than when storing them.
+            let stored = |log: &[ContextRecord]| log.iter().filter(|r| r.stored_bytes > 0).count();
+            assert_eq!(stored(&log_r) + 3, stored(&log_k), "{what}");
+        }
+    }
+    set_fused_cpu_kernels(true);
+}
+
+/// At L3 the block stores neither the norms' outputs nor the attention output, while L0
+/// stores all three in fp32: the L3 log's uncompressed total is exactly what L0 stores, so
+/// its ratio is against the real baseline.
+#[test]
+fn l3_rebuilds_what_l0_stores_and_counts_it_at_l0_size() {
+    let inputs = block_inputs();
+    for prenorm in [false, true] {
+        set_context_chunk_bytes(Some(512));
+        let f = |t: &mut Tape, v: &[Value]| block(t, v, prenorm);
+        let (_, _, log0) = run(l0(), &inputs, &f);
+        let (_, _, log3) = run(l3(5), &inputs, &f);
+        set_context_chunk_bytes(None);
+        assert!(rebuilt(&log0).is_empty());
+        assert_eq!(rebuilt(&log3).len(), 3, "prenorm {prenorm}");
+        let stored0: usize = log0.iter().map(|r| r.stored_bytes).sum();
+        let unc3: usize = log3.iter().map(|r| r.uncompressed_bytes).sum();
+        assert_eq!(unc3, stored0, "prenorm {prenorm}");
+        // The three rebuilt tensors are 3 of the block's 16 [4, 6, 8]-sized fp32 units
+        // (the GELU's input and the second linear's are twice that, P is 6/8 of one).
+        let stored3: usize = log3.iter().map(|r| r.stored_bytes).sum();
+        assert!(stored3 * 10 < stored0, "L3 {stored3} vs L0 {stored0}");
+    }
+}
+
+/// The output projection's weight gradient reads the rebuilt `P v` only linearly, and the
+/// value projection's reads the rebuilt norm output times a gradient made from `P` (another,
+/// independently rounded context): both stay unbiased. The mean of many L3 draws converges
+/// to the exact gradient like 1/sqrt(draws).
+#[test]
+fn gradients_through_rebuilt_contexts_stay_unbiased() {
+    let inputs = block_inputs();
+    // Only the attention half: the MLP's GELU is not linear in its context.
+    let f = |t: &mut Tape, v: &[Value]| -> Result<Value> {
+        let x = t.scale(&v[0], 1.0)?;
+        let n = t.layer_norm(&x, Some(&v[1]), Some(&v[2]), 1e-5)?;
+        let attn = MultiHeadAttention {
+            causal: true,
+            ..MultiHeadAttention::new(&v[3], &v[4], &v[5], &v[6], 2)
+        };
+        t.multi_head_attention(&n, &attn)
+    };
+    let (_, exact, _) = run(Box::new(KeepPolicy), &inputs, &f);
+    let draws = 200;
+    // wv (input 5) and wo (input 6).
+    for which in [5usize, 6] {
+        let exact = exact[which].as_ref().unwrap();
+        let mut mean: Option<Tensor> = None;
+        let mut single = 0f64;
+        let dist = |a: &Tensor| -> f64 {
+            let d = (a - exact).unwrap().sqr().unwrap().sum_all().unwrap();
+            let n = exact.sqr().unwrap().sum_all().unwrap();
+            (d.to_scalar::<f32>().unwrap() as f64 / n.to_scalar::<f32>().unwrap() as f64).sqrt()
+        };
+        for s in 0..draws {
+            let (_, g, log) = run(l3(1000 + s), &inputs, &f);
+            assert_eq!(rebuilt(&log).len(), 2);
+            let g = g[which].clone().unwrap();
+            single += dist(&g) / draws as f64;
+            let part = (g / draws as f64).unwrap();
+            mean = Some(match mean {
+                None => part,
+                Some(m) => (m + part).unwrap(),
+            });
+        }
+        let averaged = dist(&mean.unwrap());
+        println!("input {which}: single draw {single:.4}, mean of {draws} {averaged:.4}");
+        assert!(single > 1e-3, "2-bit contexts should perturb it ({single})");
+        // Unbiased: ≈ single / sqrt(200) = single / 14. Allow single / 7.
+        assert!(
+            averaged < single / 7.0,
+            "input {which}: mean of {draws} draws {averaged} vs single {single}: biased?"
+        );
+    }
+}
