@@ -13,16 +13,19 @@
 //! kernels write in place) or a *shared* one (it passes through an add), so both kernel
 //! paths are checked.
 
+mod common;
+
 use actrain::compress::policy::{CompressConfig, CompressPolicy, Level};
 use actrain::ops::activation::{set_fused_cpu_kernels, GeluApprox};
 use actrain::ops::attention::MultiHeadAttention;
 use actrain::ops::mlp::Mlp;
-use actrain::ops::norm::{force_generic_norm_kernels, BatchNormStats, PreNorm};
+use actrain::ops::norm::{force_generic_norm_kernels, BatchNormStats};
 use actrain::ops::set_context_chunk_bytes;
 use actrain::tape::gradcheck::{max_rel_diff, random_tensor};
 use actrain::tape::{ParamStore, Tape, Value};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
+use common::{prenorm_block, prenorm_block_inputs, rand32};
 
 const TOL: f64 = 1e-5;
 
@@ -160,13 +163,6 @@ fn check(what: &str, inputs: &[Tensor], f: impl Fn(&mut Tape, &[Value]) -> Resul
             }
         }
     }
-}
-
-fn rand32(dims: &[usize], seed: u64, scale: f64) -> Tensor {
-    (random_tensor(dims, seed).unwrap() * scale)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
 }
 
 /// Feeds `y` to the rest of the graph so that `y`'s gradient arrives owned (through a linear
@@ -513,40 +509,8 @@ fn residual_sums_fused_into_attention_and_mlp_match_the_composed_ops() {
 /// in the same order (a profile reads it so).
 #[test]
 fn prenorm_halves_fused_with_their_norms_match_the_composed_ops() {
-    let inputs = [
-        rand32(&[4, 6, 8], 90, 1.0),
-        rand32(&[8], 91, 1.0),
-        rand32(&[8], 92, 0.5),
-        rand32(&[8, 8], 93, 0.5),
-        rand32(&[8, 8], 94, 0.5),
-        rand32(&[8, 8], 95, 0.5),
-        rand32(&[8, 8], 96, 0.5),
-        rand32(&[16, 8], 97, 0.5),
-        rand32(&[16], 98, 0.5),
-        rand32(&[8, 16], 99, 0.5),
-        rand32(&[8], 100, 0.5),
-    ];
-    let f = |t: &mut Tape, v: &[Value]| {
-        let x = t.scale(&v[0], 1.0)?;
-        let norm = PreNorm {
-            gamma: Some(&v[1]),
-            beta: Some(&v[2]),
-            eps: 1e-5,
-        };
-        let attn = MultiHeadAttention {
-            causal: true,
-            ..MultiHeadAttention::new(&v[3], &v[4], &v[5], &v[6], 2)
-        };
-        let x1 = t.prenorm_attention_residual(x, &norm, &attn)?;
-        let mlp = Mlp {
-            w1: &v[7],
-            b1: Some(&v[8]),
-            w2: &v[9],
-            b2: Some(&v[10]),
-            approx: GeluApprox::Tanh,
-        };
-        t.prenorm_mlp_residual(x1, &norm, &mlp)
-    };
+    let inputs = prenorm_block_inputs();
+    let f = |t: &mut Tape, v: &[Value]| prenorm_block(t, v, true);
     let log = |fused: bool| {
         set_context_chunk_bytes(Some(512));
         set_fused_cpu_kernels(fused);

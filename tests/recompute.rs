@@ -8,18 +8,17 @@
 //! zero bytes and L0's bytes as their uncompressed size; and the gradients that read them
 //! only linearly stay unbiased.
 
+mod common;
+
 use actrain::compress::policy::{CompressConfig, CompressPolicy, Level};
-use actrain::ops::activation::{set_fused_cpu_kernels, GeluApprox};
 use actrain::ops::attention::MultiHeadAttention;
-use actrain::ops::mlp::Mlp;
-use actrain::ops::norm::PreNorm;
 use actrain::ops::set_context_chunk_bytes;
-use actrain::tape::gradcheck::random_tensor;
 use actrain::tape::{
     ContextPolicy, ContextRecord, KeepPolicy, Packed, ParamStore, SaveRequest, Tape, Value,
 };
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
+use common::{prenorm_block, prenorm_block_inputs, rand32};
 
 /// Keeps every context as it is (nothing rounded) but rebuilds what can be rebuilt, and
 /// says it compresses so that the fused paths run too.
@@ -52,63 +51,6 @@ fn l0() -> Box<dyn ContextPolicy> {
         min_elements: 0,
         ..Default::default()
     }))
-}
-
-fn rand32(dims: &[usize], seed: u64, scale: f64) -> Tensor {
-    (random_tensor(dims, seed).unwrap() * scale)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-}
-
-/// x, gamma, beta, wq, wk, wv, wo, w1, b1, w2, b2 of a pre-norm block over `[4, 6, 8]`.
-fn block_inputs() -> Vec<Tensor> {
-    vec![
-        rand32(&[4, 6, 8], 90, 1.0),
-        rand32(&[8], 91, 1.0),
-        rand32(&[8], 92, 0.5),
-        rand32(&[8, 8], 93, 0.5),
-        rand32(&[8, 8], 94, 0.5),
-        rand32(&[8, 8], 95, 0.5),
-        rand32(&[8, 8], 96, 0.5),
-        rand32(&[16, 8], 97, 0.5),
-        rand32(&[16], 98, 0.5),
-        rand32(&[8, 16], 99, 0.5),
-        rand32(&[8], 100, 0.5),
-    ]
-}
-
-/// A pre-norm transformer block, as fused halves (`prenorm`) or as `layer_norm` followed by
-/// the composed ops.
-fn block(t: &mut Tape, v: &[Value], prenorm: bool) -> Result<Value> {
-    let x = t.scale(&v[0], 1.0)?;
-    let norm = PreNorm {
-        gamma: Some(&v[1]),
-        beta: Some(&v[2]),
-        eps: 1e-5,
-    };
-    let attn = MultiHeadAttention {
-        causal: true,
-        ..MultiHeadAttention::new(&v[3], &v[4], &v[5], &v[6], 2)
-    };
-    let mlp = Mlp {
-        w1: &v[7],
-        b1: Some(&v[8]),
-        w2: &v[9],
-        b2: Some(&v[10]),
-        approx: GeluApprox::Tanh,
-    };
-    if prenorm {
-        let x1 = t.prenorm_attention_residual(x, &norm, &attn)?;
-        return t.prenorm_mlp_residual(x1, &norm, &mlp);
-    }
-    let n1 = t.layer_norm(&x, norm.gamma, norm.beta, norm.eps)?;
-    let a = t.multi_head_attention(&n1, &attn)?;
-    drop(n1);
-    let x1 = t.add(&a, &x)?;
-    let n2 = t.layer_norm(&x1, norm.gamma, norm.beta, norm.eps)?;
-    let m = t.mlp(&n2, &mlp)?;
-    t.add(&m, &x1)
 }
 
 /// Output, every input's gradient and the context log of one step of `f` under `policy`.
@@ -160,11 +102,11 @@ fn rebuilt(log: &[ContextRecord]) -> Vec<(&str, String, Vec<usize>)> {
 /// chunks), with the three rebuilt contexts in the log at zero bytes.
 #[test]
 fn rebuilt_contexts_give_the_stored_contexts_gradients() {
-    let inputs = block_inputs();
+    let inputs = prenorm_block_inputs();
     for prenorm in [false, true] {
         for chunk in [None, Some(512)] {
             set_context_chunk_bytes(chunk);
-            let f = |t: &mut Tape, v: &[Value]| block(t, v, prenorm);
+            let f = |t: &mut Tape, v: &[Value]| prenorm_block(t, v, prenorm);
             let (out_k, grads_k, log_k) = run(Box::new(KeepPolicy), &inputs, &f);
             let (out_r, grads_r, log_r) = run(Box::new(KeepButRebuild), &inputs, &f);
             set_context_chunk_bytes(None);
@@ -191,7 +133,6 @@ fn rebuilt_contexts_give_the_stored_contexts_gradients() {
             assert_eq!(stored(&log_r) + 3, stored(&log_k), "{what}");
         }
     }
-    set_fused_cpu_kernels(true);
 }
 
 /// At L3 the block stores neither the norms' outputs nor the attention output, while L0
@@ -199,10 +140,10 @@ fn rebuilt_contexts_give_the_stored_contexts_gradients() {
 /// its ratio is against the real baseline.
 #[test]
 fn l3_rebuilds_what_l0_stores_and_counts_it_at_l0_size() {
-    let inputs = block_inputs();
+    let inputs = prenorm_block_inputs();
     for prenorm in [false, true] {
         set_context_chunk_bytes(Some(512));
-        let f = |t: &mut Tape, v: &[Value]| block(t, v, prenorm);
+        let f = |t: &mut Tape, v: &[Value]| prenorm_block(t, v, prenorm);
         let (_, _, log0) = run(l0(), &inputs, &f);
         let (_, _, log3) = run(l3(5), &inputs, &f);
         set_context_chunk_bytes(None);
@@ -224,7 +165,7 @@ fn l3_rebuilds_what_l0_stores_and_counts_it_at_l0_size() {
 /// to the exact gradient like 1/sqrt(draws).
 #[test]
 fn gradients_through_rebuilt_contexts_stay_unbiased() {
-    let inputs = block_inputs();
+    let inputs = prenorm_block_inputs();
     // Only the attention half: the MLP's GELU is not linear in its context.
     let f = |t: &mut Tape, v: &[Value]| -> Result<Value> {
         let x = t.scale(&v[0], 1.0)?;

@@ -381,9 +381,8 @@ impl Tape {
         }
         let saved = match self.recompute.get(&value.id) {
             Some(r) if kind == SaveAs::Activation => {
-                let r = r.clone();
-                let t = &value.tensor;
-                self.recomputed_context(op, r, t.dims(), t.dtype(), t.device())
+                let (r, t, at) = (r.clone(), &value.tensor, self.log_place());
+                self.recomputed_context_at(at, op, r, t.dims(), t.dtype(), t.device())
             }
             _ => {
                 let is_param = self.param_of.contains_key(&value.id);
@@ -416,20 +415,6 @@ impl Tape {
         self.policy.recomputes_contexts()
     }
 
-    /// A context rebuilt by `r` (a tensor of `shape`/`dtype` on `device`), logged in this
-    /// slot's place like a deduplicated save: no slot of its own, no stored bytes, and what
-    /// L0 would store for it as its uncompressed size.
-    fn recomputed_context(
-        &mut self,
-        op: &'static str,
-        r: Rc<dyn Recompute>,
-        shape: &[usize],
-        dtype: DType,
-        device: &Device,
-    ) -> Saved {
-        self.recomputed_context_at(self.log_place(), op, r, shape, dtype, device)
-    }
-
     /// Where the next line of the context log goes: a fused op notes it for a context it can
     /// only build later (see [`Tape::recomputed_context_at`]).
     pub(crate) fn log_place(&self) -> LogPlace {
@@ -445,9 +430,11 @@ impl Tape {
         }
     }
 
-    /// [`Tape::recomputed_context`] logged where it would have been at `at` (a fused op
-    /// builds the rebuild from contexts it finishes after its other saves): after the lines
-    /// logged by then, before those logged since.
+    /// A context rebuilt by `r` (a tensor of `shape`/`dtype` on `device`), logged like a
+    /// deduplicated save — no slot of its own, no stored bytes, and what L0 would store for
+    /// it as its uncompressed size — where the log stood at `at` ([`Tape::log_place`]: a
+    /// fused op builds the rebuild from contexts it finishes after its other saves): after
+    /// the lines logged by then, before those logged since.
     pub(crate) fn recomputed_context_at(
         &mut self,
         at: LogPlace,

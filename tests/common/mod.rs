@@ -3,10 +3,14 @@
 //! tolerance. Run with `--nocapture` to see the table.
 #![allow(dead_code)]
 
+use actrain::ops::activation::GeluApprox;
+use actrain::ops::attention::MultiHeadAttention;
+use actrain::ops::mlp::Mlp;
+use actrain::ops::norm::PreNorm;
 use actrain::tape::gradcheck::{check_grads, random_tensor, CheckOptions};
 use actrain::tape::{Tape, Value};
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 pub type OpFn = Box<dyn Fn(&mut Tape, &[Value]) -> Result<Value>>;
 
@@ -133,4 +137,64 @@ pub fn compare_with_candle(
         worst = worst.max(max_rel_diff(&ours, &theirs)?);
     }
     Ok(worst)
+}
+
+/// `random_tensor(dims, seed) · scale` in f32.
+pub fn rand32(dims: &[usize], seed: u64, scale: f64) -> Tensor {
+    (random_tensor(dims, seed).unwrap() * scale)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+/// The inputs of [`prenorm_block`]: `x: [4, 6, 8]`, gamma, beta, wq, wk, wv, wo, w1, b1, w2,
+/// b2.
+pub fn prenorm_block_inputs() -> Vec<Tensor> {
+    vec![
+        rand32(&[4, 6, 8], 90, 1.0),
+        rand32(&[8], 91, 1.0),
+        rand32(&[8], 92, 0.5),
+        rand32(&[8, 8], 93, 0.5),
+        rand32(&[8, 8], 94, 0.5),
+        rand32(&[8, 8], 95, 0.5),
+        rand32(&[8, 8], 96, 0.5),
+        rand32(&[16, 8], 97, 0.5),
+        rand32(&[16], 98, 0.5),
+        rand32(&[8, 16], 99, 0.5),
+        rand32(&[8], 100, 0.5),
+    ]
+}
+
+/// A causal pre-norm transformer block (2 heads, one norm's parameters for both halves) on
+/// [`prenorm_block_inputs`]: as the fused halves (`prenorm_attention_residual`,
+/// `prenorm_mlp_residual`), or as `layer_norm` followed by the composed ops and adds.
+pub fn prenorm_block(t: &mut Tape, v: &[Value], fused: bool) -> Result<Value> {
+    let x = t.scale(&v[0], 1.0)?;
+    let norm = PreNorm {
+        gamma: Some(&v[1]),
+        beta: Some(&v[2]),
+        eps: 1e-5,
+    };
+    let attn = MultiHeadAttention {
+        causal: true,
+        ..MultiHeadAttention::new(&v[3], &v[4], &v[5], &v[6], 2)
+    };
+    let mlp = Mlp {
+        w1: &v[7],
+        b1: Some(&v[8]),
+        w2: &v[9],
+        b2: Some(&v[10]),
+        approx: GeluApprox::Tanh,
+    };
+    if fused {
+        let x1 = t.prenorm_attention_residual(x, &norm, &attn)?;
+        return t.prenorm_mlp_residual(x1, &norm, &mlp);
+    }
+    let n1 = t.layer_norm(&x, norm.gamma, norm.beta, norm.eps)?;
+    let a = t.multi_head_attention(&n1, &attn)?;
+    drop(n1);
+    let x1 = t.add(&a, &x)?;
+    let n2 = t.layer_norm(&x1, norm.gamma, norm.beta, norm.eps)?;
+    let m = t.mlp(&n2, &mlp)?;
+    t.add(&m, &x1)
 }
