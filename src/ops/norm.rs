@@ -1233,17 +1233,21 @@ impl Tape {
         drop((mean, rstd));
         // The output, for the op that reads it next (a linear layer saves it): rebuilt from
         // the saved input and statistics instead of stored a second time.
-        let rebuild = cx.as_ref().map(|(x, mean, rstd)| {
-            Rc::new(NormOutput {
-                x: x.clone(),
-                mean: mean.clone(),
-                rstd: rstd.clone(),
-                gamma: gt.cloned(),
-                beta: bt.cloned(),
-                d,
-                op,
-            }) as Rc<dyn Recompute>
-        });
+        // (Of a batch of rows: a rebuild is read in row chunks.)
+        let rebuild = cx
+            .as_ref()
+            .filter(|_| dims.len() >= 2)
+            .map(|(x, mean, rstd)| {
+                Rc::new(NormOutput {
+                    x: x.clone(),
+                    mean: mean.clone(),
+                    rstd: rstd.clone(),
+                    gamma: gt.cloned(),
+                    beta: bt.cloned(),
+                    d,
+                    op,
+                }) as Rc<dyn Recompute>
+            });
         let (has_gamma, has_beta) = (gamma.is_some(), beta.is_some());
         let y = self.record_grad(op, &inputs, y, move |g, needs| {
             let ig = if has_gamma { Some(1) } else { None };
@@ -1373,17 +1377,20 @@ pub(crate) struct NormOutput {
 
 impl Recompute for NormOutput {
     fn rows(&self, first: usize, count: usize) -> Result<Tensor> {
-        let x = self.x.load_rows(first, count)?;
-        let dims = x.dims().to_vec();
-        let n = x.elem_count() / self.d;
-        let per = n / count.max(1);
-        let x = x.reshape((n, self.d))?;
+        let mut dims = self.x.shape().dims().to_vec();
+        let per = dims[1..dims.len() - 1].iter().product::<usize>();
+        dims[0] = count;
+        let n = count * per;
         let stat = |s: &Saved| -> Result<Tensor> { Ok(s.load()?.narrow(0, first * per, n)?) };
-        let mut y = match &self.mean {
-            Some(m) => x.broadcast_sub(&stat(m)?)?,
-            None => x,
-        }
-        .broadcast_mul(&stat(&self.rstd)?)?;
+        // `x` goes as soon as the first result exists: at most two row-sized tensors at once.
+        let mut y = {
+            let x = self.x.load_rows(first, count)?.reshape((n, self.d))?;
+            match &self.mean {
+                Some(m) => x.broadcast_sub(&stat(m)?)?,
+                None => x,
+            }
+        };
+        y = y.broadcast_mul(&stat(&self.rstd)?)?;
         if let Some(g) = &self.gamma {
             y = y.broadcast_mul(g)?;
         }

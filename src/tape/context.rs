@@ -214,7 +214,7 @@ impl Saved {
             (Packed::Full(t), SaveAs::SignMask) => Ok(t.gt(0.0)?.to_dtype(e.dtype)?),
             (Packed::Full(t), _) => Ok(t.clone()),
             (Packed::Compressed(c), _) => c.unpack(&e.shape, e.dtype, &e.device),
-            (Packed::Recomputed(r), _) => r.rows(0, self.rows()),
+            (Packed::Recomputed(r), _) => rebuild_rows(r.as_ref(), e, 0, self.rows()),
         }
     }
     /// Like [`Saved::load`], but the tensor is the caller's alone, so a backward rule may write
@@ -230,7 +230,7 @@ impl Saved {
             (Packed::Full(t), _) => Ok(t.copy()?),
             (Packed::Compressed(c), _) => Ok(c.unpack(&e.shape, e.dtype, &e.device)?.copy()?),
             // A new tensor already.
-            (Packed::Recomputed(r), _) => r.rows(0, self.rows()),
+            (Packed::Recomputed(r), _) => rebuild_rows(r.as_ref(), e, 0, self.rows()),
         }
     }
 
@@ -272,12 +272,32 @@ impl Saved {
             }
             (Packed::Full(t), _) => Ok(t.narrow(0, first, count)?),
             (Packed::Compressed(c), _) => c.unpack_rows(&e.shape, e.dtype, &e.device, first, count),
-            (Packed::Recomputed(r), _) => r.rows(first, count),
+            (Packed::Recomputed(r), _) => rebuild_rows(r.as_ref(), e, first, count),
         }
     }
     pub fn shape(&self) -> &Shape {
         &self.0.shape
     }
+}
+
+/// Rows `first..first + count` of a rebuilt context, made a chunk of rows at a time into one
+/// new tensor: a rebuild reads sources larger than its result (`P` and `v` for `P v`) and
+/// makes temporaries, which a whole-tensor read would hold all at once.
+fn rebuild_rows(r: &dyn Recompute, e: &SavedEntry, first: usize, count: usize) -> Result<Tensor> {
+    let rows = e.shape.dims().first().copied().unwrap_or(1).max(1);
+    let row_bytes = e.shape.elem_count() / rows * e.dtype.size_in_bytes();
+    let chunk = crate::ops::chunk_rows_for(count, row_bytes);
+    if chunk >= count {
+        return r.rows(first, count);
+    }
+    let mut dims = e.shape.dims().to_vec();
+    dims[0] = count;
+    let out = Tensor::zeros(dims, e.dtype, &e.device)?;
+    for start in (0..count).step_by(chunk) {
+        let n = chunk.min(count - start);
+        out.slice_set(&r.rows(first + start, n)?, 0, start)?;
+    }
+    Ok(out)
 }
 
 /// One line of the context log: what an op saved and what it cost. `profile-memory` prints these.
