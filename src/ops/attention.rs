@@ -145,6 +145,7 @@ impl Tape {
             Rc::new(AttentionOutput {
                 p: cp.clone(),
                 v: cv.clone(),
+                merged: None,
             }) as Rc<dyn Recompute>
         });
         let y = self.record_grad(OP, &[q, k, v], y, move |g, needs| {
@@ -369,16 +370,25 @@ impl Tape {
 }
 
 /// The attention output `P v` (`[B, H, Tq, Dv]`) rebuilt from the saved `P` and `v`: the
-/// product of two independently rounded factors, so unbiased where they are.
+/// product of two independently rounded factors, so unbiased where they are. With `merged:
+/// (T, D)` its heads merged to `[B, T, D]` (the fused node's output projection input; the
+/// composed ops' transpose and reshape pass the plain one on).
 struct AttentionOutput {
     p: Saved,
     v: Saved,
+    merged: Option<(usize, usize)>,
 }
 
 impl Recompute for AttentionOutput {
     fn rows(&self, first: usize, count: usize) -> Result<Tensor> {
-        let p = self.p.load_rows(first, count)?;
-        Ok(p.matmul(&self.v.load_rows(first, count)?)?)
+        let (p, v) = (
+            self.p.load_rows(first, count)?,
+            self.v.load_rows(first, count)?,
+        );
+        match self.merged {
+            Some((t, d)) => merged_heads(&p, &v, t, d),
+            None => Ok(p.matmul(&v)?),
+        }
     }
     fn label(&self) -> String {
         "from sdpa".into()
@@ -391,27 +401,6 @@ fn merged_heads(p: &Tensor, v: &Tensor, t: usize, d: usize) -> Result<Tensor> {
     let o = p.matmul(v)?;
     let n = o.dims()[0];
     Ok(o.transpose(1, 2)?.contiguous()?.reshape((n, t, d))?)
-}
-
-/// The merged heads of [`AttentionOutput`], for the fused node's log.
-struct MergedHeads {
-    p: Saved,
-    v: Saved,
-    t: usize,
-    d: usize,
-}
-
-impl Recompute for MergedHeads {
-    fn rows(&self, first: usize, count: usize) -> Result<Tensor> {
-        let (p, v) = (
-            self.p.load_rows(first, count)?,
-            self.v.load_rows(first, count)?,
-        );
-        merged_heads(&p, &v, self.t, self.d)
-    }
-    fn label(&self) -> String {
-        "from sdpa".into()
-    }
 }
 
 /// The inputs of a multi-head attention node in order: `x, wq, [bq], wk, [bk], wv, [bv], wo,
@@ -643,11 +632,10 @@ impl Tape {
         if cm.is_none() {
             // Logged like the composed output projection's save; backward forms the chunk's
             // `P v` from the P and v it loads anyway rather than through this handle.
-            let merged = Rc::new(MergedHeads {
+            let merged = Rc::new(AttentionOutput {
                 p: cp.clone(),
                 v: cv.clone(),
-                t,
-                d,
+                merged: Some((t, d)),
             });
             drop(self.recomputed_context_at(merged_at, "linear", merged, &[b, t, d], dt, &dev));
         }
