@@ -209,3 +209,42 @@ fn gradients_through_rebuilt_contexts_stay_unbiased() {
         );
     }
 }
+
+/// RMS norm (no mean) and a layer norm without affine parameters rebuild exactly too, and the
+/// log names the norm.
+#[test]
+fn norms_without_mean_or_affine_rebuild_exactly() {
+    let inputs = vec![
+        rand32(&[5, 3, 8], 40, 2.0),
+        rand32(&[8], 41, 1.0),
+        rand32(&[6, 8], 42, 0.5),
+    ];
+    let f = |t: &mut Tape, v: &[Value]| -> Result<Value> {
+        let x = t.scale(&v[0], 1.0)?;
+        let r = t.rms_norm(&x, Some(&v[1]), 1e-5)?;
+        let a = t.linear(&r, &v[2], None)?;
+        let n = t.layer_norm(&x, None, None, 1e-5)?;
+        let b = t.linear(&n, &v[2], None)?;
+        t.add(&a, &b)
+    };
+    for chunk in [None, Some(256)] {
+        set_context_chunk_bytes(chunk);
+        let (out_k, grads_k, _) = run(Box::new(KeepPolicy), &inputs, &f);
+        let (out_r, grads_r, log_r) = run(Box::new(KeepButRebuild), &inputs, &f);
+        set_context_chunk_bytes(None);
+        assert!(max_scaled_diff(&out_r, &out_k) < 1e-6);
+        for (i, (a, b)) in grads_r.iter().zip(&grads_k).enumerate() {
+            let d = max_scaled_diff(a.as_ref().unwrap(), b.as_ref().unwrap());
+            assert!(
+                d < 1e-5,
+                "chunk {chunk:?}: gradient of input {i} differs by {d:.2e}"
+            );
+        }
+        let labels: Vec<String> = rebuilt(&log_r).into_iter().map(|r| r.1).collect();
+        assert_eq!(
+            labels,
+            ["from rms_norm", "from layer_norm"],
+            "chunk {chunk:?}"
+        );
+    }
+}
