@@ -1378,7 +1378,8 @@ pub(crate) struct NormOutput {
 impl Recompute for NormOutput {
     fn rows(&self, first: usize, count: usize) -> Result<Tensor> {
         let mut dims = self.x.shape().dims().to_vec();
-        let per = dims[1..dims.len() - 1].iter().product::<usize>();
+        // Rows (of `d`) per sample.
+        let per = self.x.shape().elem_count() / (self.x.rows().max(1) * self.d).max(1);
         dims[0] = count;
         let n = count * per;
         let stat = |s: &Saved| -> Result<Tensor> { Ok(s.load()?.narrow(0, first * per, n)?) };

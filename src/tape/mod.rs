@@ -411,7 +411,7 @@ impl Tape {
     /// Whether contexts that other contexts determine are rebuilt rather than stored (see
     /// [`ContextPolicy::recomputes_contexts`]); fused ops that save in rows ask before
     /// deciding to save or to rebuild, so they take the composed ops' slots.
-    pub fn recomputes_contexts(&self) -> bool {
+    pub(crate) fn recomputes_contexts(&self) -> bool {
         self.policy.recomputes_contexts()
     }
 
