@@ -773,3 +773,115 @@ fn attention_backward_in_batch_chunks_matches_the_whole_batch() {
         });
     }
 }
+
+/// A residual block's sum with its projection shortcut as one node
+/// (`projection_shortcut_add`: the shortcut's batch norm and strided 1x1 conv run backward a
+/// chunk of samples at a time into `x`'s gradient — a new one, or, with `gathered`, the one
+/// `x` already has from a consumer recorded later — and the sum's gradient goes on to the
+/// main branch as it came): the same output and gradients as conv, batch norm and add
+/// composed, and at L3 the same context log, line by line.
+#[test]
+fn projection_shortcut_fused_with_the_sum_matches_the_composed_ops() {
+    use actrain::ops::conv::Conv2dParams;
+    use actrain::ops::residual::{ConvBn, ProjectionShortcut};
+    let inputs = [
+        rand32(&[5, 3, 8, 8], 90, 1.0),
+        rand32(&[6, 3, 3, 3], 91, 0.5),
+        rand32(&[6, 3, 1, 1], 92, 0.5),
+        (rand32(&[6], 93, 0.3) + 1.0).unwrap(),
+        rand32(&[6], 94, 0.3),
+        rand32(&[6, 3, 1, 1], 95, 0.5),
+    ];
+    for gathered in [false, true] {
+        let f = move |t: &mut Tape, v: &[Value]| -> Result<Value> {
+            // A non-parameter input, so that its gradient is gathered on the tape.
+            let x = t.scale(&v[0], 1.5)?;
+            let s2 = |padding| Conv2dParams {
+                stride: 2,
+                padding,
+                ..Default::default()
+            };
+            let h = t.conv2d(&x, &v[1], None, s2(1))?;
+            let h = t.relu(&h)?;
+            let sc = ProjectionShortcut {
+                conv: ConvBn {
+                    w: &v[2],
+                    gamma: &v[3],
+                    beta: &v[4],
+                    momentum: 0.1,
+                    eps: 1e-5,
+                },
+                stride: 2,
+            };
+            let mut stats = BatchNormStats::new(6, v[0].dtype(), &Device::Cpu)?;
+            let y = t.projection_shortcut_add(h, &x, &sc, &mut stats)?;
+            let y = t.relu(&y)?;
+            if !gathered {
+                return Ok(y);
+            }
+            // Recorded after the shortcut, so backward reaches it first.
+            let z = t.conv2d(&x, &v[5], None, s2(0))?;
+            t.add(&y, &z)
+        };
+        let what = format!("projection shortcut (gathered {gathered})");
+        check(&what, &inputs, f);
+        assert_eq!(
+            context_summary(Level::L3, &inputs, &f, true),
+            context_summary(Level::L3, &inputs, &f, false),
+            "{what}: context log, fused vs composed"
+        );
+    }
+}
+
+/// A basic block with an identity shortcut as one node (`identity_block`: backward in batch
+/// chunks, BN1's reductions gathered in a first pass, the chunks recomputed and taken on to
+/// `x`'s gradient in a second, which is the sum's gradient itself): the same output and
+/// gradients as the composed convs, batch norms, ReLU and sum — with the block's output
+/// gradient owned or shared — and at L3 the same context log, line by line.
+#[test]
+fn identity_block_fused_matches_the_composed_ops() {
+    use actrain::ops::conv::Conv2dParams;
+    use actrain::ops::residual::ConvBn;
+    let inputs = [
+        rand32(&[6, 4, 6, 6], 100, 1.0),
+        rand32(&[4, 4, 3, 3], 101, 0.4),
+        (rand32(&[4], 102, 0.3) + 1.0).unwrap(),
+        rand32(&[4], 103, 0.3),
+        rand32(&[4, 4, 3, 3], 104, 0.4),
+        (rand32(&[4], 105, 0.3) + 1.0).unwrap(),
+        rand32(&[4], 106, 0.3),
+        rand32(&[6, 6], 107, 0.5),
+    ];
+    for owned in [true, false] {
+        let f = move |t: &mut Tape, v: &[Value]| -> Result<Value> {
+            // A non-parameter input, so that its context is quantized at L3.
+            let x = t.scale(&v[0], 1.5)?;
+            let cb = |i: usize| ConvBn {
+                w: &v[i],
+                gamma: &v[i + 1],
+                beta: &v[i + 2],
+                momentum: 0.1,
+                eps: 1e-5,
+            };
+            let p = Conv2dParams {
+                padding: 1,
+                ..Default::default()
+            };
+            let mut s1 = BatchNormStats::new(4, v[0].dtype(), &Device::Cpu)?;
+            let mut s2 = BatchNormStats::new(4, v[0].dtype(), &Device::Cpu)?;
+            let y = t.identity_block(x, &cb(1), &cb(4), p, &mut s1, &mut s2)?;
+            let y = t.relu(&y)?;
+            downstream(t, &y, owned.then_some(&v[7]))
+        };
+        // One sample per im2col chunk, so that the fused path runs (in six chunks).
+        actrain::ops::conv::set_workspace_bytes(1);
+        let what = format!("identity block (owned gradient {owned})");
+        check(&what, &inputs, f);
+        let logs = (
+            context_summary(Level::L3, &inputs, &f, true),
+            context_summary(Level::L3, &inputs, &f, false),
+        );
+        actrain::ops::conv::set_workspace_bytes(actrain::ops::conv::DEFAULT_WORKSPACE_BYTES);
+        assert_eq!(logs.0, logs.1, "{what}: context log, fused vs composed");
+    }
+}

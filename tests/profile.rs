@@ -128,13 +128,15 @@ fn phase_peaks(p: &MemoryProfile, unit: f64) -> (f64, f64) {
 /// include the saved context and, in backward, the parameter gradients) in units of one
 /// layer-sized activation `L` (`[64, 16, 32, 32]` f32, 4 MiB). In forward a block's ops
 /// write over their own inputs (conv chunk by chunk, then batch norm, ReLU, the sum), so an
-/// identity block holds its input and one more tensor: 2.99L measured (3.75L while each op
-/// allocated its output, 6.74L while a block kept every intermediate). In backward the skip
-/// gradient and the output gradient, into which ReLU applies its mask chunk by chunk and a
-/// same-size convolution writes its input gradient: 3.46L (4.63L with three layer-sized
-/// tensors per rule). The bounds leave 10% and 7% headroom (the forward one fails at the
-/// old 3.75L). The conv workspace is made small (one sample per im2col chunk) so candle's
-/// fixed-size workspaces do not blur the count, whatever the number of threads.
+/// identity block holds its input and one more tensor: 2.76L measured with the second conv's
+/// input rebuilt rather than stored (2.99L storing it, 3.75L while each op allocated its
+/// output, 6.74L while a block kept every intermediate). In backward an identity block is
+/// one node that holds only the gradient it returns, and the downsampling block's shortcut
+/// runs in chunks into its input's gradient: 2.73L (3.46L with the composed ops holding the
+/// skip gradient and the main branch's, 4.63L with three layer-sized tensors per rule). The
+/// bounds leave 7% and 10% headroom and fail at the previous 2.99L and 3.46L. The conv
+/// workspace is made small (one sample per im2col chunk) so candle's fixed-size workspaces
+/// do not blur the count, whatever the number of threads.
 #[test]
 fn l3_step_transients_stay_within_a_few_layer_sizes() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -157,11 +159,11 @@ fn l3_step_transients_stay_within_a_few_layer_sizes() {
     let (fwd, bwd) = phase_peaks(&p, layer);
     println!("L3 transients: forward {fwd:.2} L, backward {bwd:.2} L");
     assert!(
-        fwd <= 3.3,
+        fwd <= 2.95,
         "forward peak above steady state: {fwd:.2} layer sizes"
     );
     assert!(
-        bwd <= 3.7,
+        bwd <= 3.0,
         "backward peak above steady state: {bwd:.2} layer sizes"
     );
 }

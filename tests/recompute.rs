@@ -248,3 +248,103 @@ fn norms_without_mean_or_affine_rebuild_exactly() {
         );
     }
 }
+
+/// `conv → batch norm → ReLU → conv` (and LeakyReLU): the second conv's input is rebuilt
+/// from the batch norm's saved input and statistics times the ReLU's exact mask. With
+/// nothing rounded it gives the stored input's gradients, in row chunks or whole.
+fn conv_bn_act_conv(t: &mut Tape, v: &[Value], leaky: bool) -> Result<Value> {
+    let p = actrain::ops::conv::Conv2dParams {
+        padding: 1,
+        ..Default::default()
+    };
+    let c = t.conv2d(&v[0], &v[1], None, p)?;
+    let mut stats = actrain::ops::norm::BatchNormStats::new(
+        4,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )?;
+    let b = t.batch_norm(&c, &v[2], &v[3], &mut stats, 0.1, 1e-5)?;
+    let a = if leaky {
+        t.leaky_relu(&b, 0.1)?
+    } else {
+        t.relu(&b)?
+    };
+    t.conv2d(&a, &v[4], None, p)
+}
+
+fn conv_block_inputs() -> Vec<Tensor> {
+    vec![
+        rand32(&[6, 3, 8, 8], 50, 1.0),
+        rand32(&[4, 3, 3, 3], 51, 0.5),
+        (rand32(&[4], 52, 0.3) + 1.0).unwrap(),
+        rand32(&[4], 53, 0.3),
+        rand32(&[5, 4, 3, 3], 54, 0.5),
+    ]
+}
+
+#[test]
+fn conv_inputs_after_batch_norm_and_relu_rebuild_exactly() {
+    let inputs = conv_block_inputs();
+    for leaky in [false, true] {
+        for chunk in [None, Some(1024)] {
+            set_context_chunk_bytes(chunk);
+            let f = |t: &mut Tape, v: &[Value]| conv_bn_act_conv(t, v, leaky);
+            let (out_k, grads_k, log_k) = run(Box::new(KeepPolicy), &inputs, &f);
+            let (out_r, grads_r, log_r) = run(Box::new(KeepButRebuild), &inputs, &f);
+            set_context_chunk_bytes(None);
+            let what = format!("leaky {leaky}, chunk {chunk:?}");
+            assert!(max_scaled_diff(&out_r, &out_k) < 1e-6, "{what}: outputs");
+            for (i, (a, b)) in grads_r.iter().zip(&grads_k).enumerate() {
+                let d = max_scaled_diff(a.as_ref().unwrap(), b.as_ref().unwrap());
+                assert!(d < 1e-5, "{what}: gradient of input {i} differs by {d:.2e}");
+            }
+            assert!(rebuilt(&log_k).is_empty(), "{what}");
+            let act = if leaky { "leaky_relu" } else { "relu" };
+            assert_eq!(
+                rebuilt(&log_r),
+                vec![(
+                    "conv2d",
+                    format!("from batch_norm, {act}"),
+                    vec![6, 4, 8, 8]
+                )],
+                "{what}"
+            );
+        }
+    }
+}
+
+/// The second conv's weight gradient reads its rebuilt input linearly (an affine function of
+/// the 2-bit batch-norm input, times an exact mask): unbiased, so the mean of many L3 draws
+/// converges to the exact gradient like 1/sqrt(draws).
+#[test]
+fn conv_weight_gradient_through_a_rebuilt_input_stays_unbiased() {
+    let inputs = conv_block_inputs();
+    let f = |t: &mut Tape, v: &[Value]| conv_bn_act_conv(t, v, false);
+    let (_, exact, _) = run(Box::new(KeepPolicy), &inputs, &f);
+    let exact = exact[4].as_ref().unwrap();
+    let dist = |a: &Tensor| -> f64 {
+        let d = (a - exact).unwrap().sqr().unwrap().sum_all().unwrap();
+        let n = exact.sqr().unwrap().sum_all().unwrap();
+        (d.to_scalar::<f32>().unwrap() as f64 / n.to_scalar::<f32>().unwrap() as f64).sqrt()
+    };
+    let draws = 200;
+    let (mut mean, mut single): (Option<Tensor>, f64) = (None, 0.0);
+    for s in 0..draws {
+        let (_, g, log) = run(l3(2000 + s), &inputs, &f);
+        assert_eq!(rebuilt(&log).len(), 1);
+        let g = g[4].clone().unwrap();
+        single += dist(&g) / draws as f64;
+        let part = (g / draws as f64).unwrap();
+        mean = Some(match mean {
+            None => part,
+            Some(m) => (m + part).unwrap(),
+        });
+    }
+    let averaged = dist(&mean.unwrap());
+    println!("conv weight: single draw {single:.4}, mean of {draws} {averaged:.4}");
+    assert!(single > 1e-3, "2-bit contexts should perturb it ({single})");
+    assert!(
+        averaged < single / 7.0,
+        "mean of {draws} draws {averaged} vs single {single}: biased?"
+    );
+}

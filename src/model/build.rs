@@ -8,6 +8,7 @@ use crate::compress::uniform;
 use crate::ops::attention::MultiHeadAttention;
 use crate::ops::conv::Conv2dParams;
 use crate::ops::norm::{BatchNormStats, PreNorm};
+use crate::ops::residual::{ConvBn, ProjectionShortcut};
 use crate::ops::sparse::CsrMatrix;
 use crate::tape::{ParamId, ParamStore, Tape, Value};
 use anyhow::{anyhow, bail, Result};
@@ -596,6 +597,9 @@ fn residual_block(
     stride: usize,
     bottleneck: bool,
 ) -> Result<Value> {
+    if !bottleneck && stride == 1 && p.len() == 10 {
+        return identity_block(tape, store, x, p);
+    }
     let (h, used) = if bottleneck {
         let h = conv_bn(tape, store, x.clone(), false, &p[0..5], 1, 0, true)?;
         let h = conv_bn(tape, store, h, true, &p[5..10], stride, 1, true)?;
@@ -604,14 +608,72 @@ fn residual_block(
         let h = conv_bn(tape, store, x.clone(), false, &p[0..5], stride, 1, true)?;
         (conv_bn(tape, store, h, true, &p[5..10], 1, 1, false)?, 10)
     };
-    let shortcut = if p.len() > used {
-        conv_bn(tape, store, x, false, &p[used..used + 5], stride, 0, false)?
-    } else {
-        x
-    };
     // `h` is the main branch's own output: the sum and the ReLU may take its buffer.
-    let y = tape.add_owned(h, &shortcut)?;
-    drop(shortcut);
+    let y = if p.len() > used {
+        let q = &p[used..used + 5];
+        let (w, g, b) = (
+            tape.param(store, q[0]),
+            tape.param(store, q[1]),
+            tape.param(store, q[2]),
+        );
+        let sc = ProjectionShortcut {
+            conv: ConvBn {
+                w: &w,
+                gamma: &g,
+                beta: &b,
+                momentum: 0.1,
+                eps: 1e-5,
+            },
+            stride,
+        };
+        let mut stats = BatchNormStats {
+            mean: store.value(q[3]).clone(),
+            var: store.value(q[4]).clone(),
+        };
+        let y = tape.projection_shortcut_add(h, &x, &sc, &mut stats)?;
+        store.set_value(q[3], stats.mean);
+        store.set_value(q[4], stats.var);
+        y
+    } else {
+        tape.add_owned(h, &x)?
+    };
+    drop(x);
+    tape.relu_owned(y)
+}
+
+/// A basic block with an identity shortcut (see [`residual_block`]), as one node where the
+/// tape runs it in batch chunks ([`Tape::identity_block`]).
+fn identity_block(
+    tape: &mut Tape,
+    store: &mut ParamStore,
+    x: Value,
+    p: &[ParamId],
+) -> Result<Value> {
+    let v: Vec<Value> = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .map(|&i| tape.param(store, p[i]))
+        .collect();
+    let conv_bn = |i: usize| ConvBn {
+        w: &v[i],
+        gamma: &v[i + 1],
+        beta: &v[i + 2],
+        momentum: 0.1,
+        eps: 1e-5,
+    };
+    let stats = |i: usize| BatchNormStats {
+        mean: store.value(p[i]).clone(),
+        var: store.value(p[i + 1]).clone(),
+    };
+    let (mut s1, mut s2) = (stats(3), stats(8));
+    let cp = Conv2dParams {
+        padding: 1,
+        ..Default::default()
+    };
+    let y = tape.identity_block(x, &conv_bn(0), &conv_bn(3), cp, &mut s1, &mut s2)?;
+    store.set_value(p[3], s1.mean);
+    store.set_value(p[4], s1.var);
+    store.set_value(p[8], s2.mean);
+    store.set_value(p[9], s2.var);
     tape.relu_owned(y)
 }
 

@@ -15,7 +15,7 @@
 //! and the in-place helpers ([`zip_in_place`], [`map_in_place`], [`add_bias_rows`]).
 
 use crate::compress::policy::is_bit_mask;
-use crate::tape::{Grad, Packed, SaveAs, Saved, Tape, Value};
+use crate::tape::{Grad, Packed, Recompute, SaveAs, Saved, Tape, Value};
 use anyhow::{bail, Result};
 use candle_core::{
     CpuStorage, DType, Device, InplaceOp1, InplaceOp2, Layout, Storage, StorageRef, Tensor,
@@ -23,6 +23,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
+use std::rc::Rc;
 
 /// Which formula [`Tape::gelu`] uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,9 +43,12 @@ impl Tape {
             return Ok(self.constant(y));
         }
         let m = self.save("relu", x, SaveAs::SignMask)?;
-        self.record_grad("relu", &[x], y, move |g, _| {
+        let offer = self.masked_offer("relu", x, &m, 1.0, 0.0);
+        let y = self.record_grad("relu", &[x], y, move |g, _| {
             Ok(vec![Some(mask_backward(&m, g, 1.0, 0.0)?)])
-        })
+        })?;
+        self.offer_masked(&y, offer);
+        Ok(y)
     }
 
     /// [`Tape::relu`] of a value handed over by the caller, which keeps no other handle or
@@ -60,9 +64,42 @@ impl Tape {
         } else {
             x.tensor().relu()?
         };
-        self.record_grad("relu", &[&x], y, move |g, _| {
+        let offer = self.masked_offer("relu", &x, &m, 1.0, 0.0);
+        let y = self.record_grad("relu", &[&x], y, move |g, _| {
             Ok(vec![Some(mask_backward(&m, g, 1.0, 0.0)?)])
+        })?;
+        self.offer_masked(&y, offer);
+        Ok(y)
+    }
+
+    /// Where `x` is offered as rebuildable (a batch norm's output), the rebuild of this
+    /// ReLU's output (or LeakyReLU's): `x`'s rebuild times the op's own exact mask `m`.
+    fn masked_offer(
+        &self,
+        op: &'static str,
+        x: &Value,
+        m: &Saved,
+        mul: f64,
+        add: f64,
+    ) -> Option<MaskedOutput> {
+        // On the host only: a GPU's saved mask unpacks whole, so every row chunk of the
+        // rebuild would expand all of it.
+        if !x.tensor().device().is_cpu() {
+            return None;
+        }
+        Some(MaskedOutput {
+            inner: self.recompute_of(x)?,
+            mask: m.clone(),
+            mul,
+            add,
+            op,
         })
+    }
+
+    fn offer_masked(&mut self, y: &Value, offer: Option<MaskedOutput>) {
+        if let Some(r) = offer {
+            self.offer_recompute(y, Rc::new(r));
+        }
     }
 
     /// `x` where `x > 0`, else `slope * x`. Context: `x` as a sign mask, like ReLU:
@@ -87,9 +124,12 @@ impl Tape {
             return Ok(self.constant(y));
         }
         let m = self.save("leaky_relu", x, SaveAs::SignMask)?;
-        self.record_grad("leaky_relu", &[x], y, move |g, _| {
+        let offer = self.masked_offer("leaky_relu", x, &m, 1.0 - slope, slope);
+        let y = self.record_grad("leaky_relu", &[x], y, move |g, _| {
             Ok(vec![Some(mask_backward(&m, g, 1.0 - slope, slope)?)])
-        })
+        })?;
+        self.offer_masked(&y, offer);
+        Ok(y)
     }
 
     /// GELU, in the `approx` form. Context: `x` (Activation). Backward is the analytic
@@ -338,6 +378,79 @@ pub(crate) fn chunked_mask(m: &Saved, g: &Grad, mul: f64, add: f64) -> Result<Op
         }
         Packed::Compressed(_) | Packed::Recomputed(_) => Ok(None),
     }
+}
+
+/// A ReLU's (or LeakyReLU's) output rebuilt as `inner ⊙ (m · mul + add)`: `inner` rebuilds
+/// the op's input (a batch norm's output from its saved input) and `m` is the op's own sign
+/// mask, exact, so the result is linear in what `inner` reads — unbiased where that is. A
+/// conv after `conv → batch norm → ReLU` then stores nothing of its input.
+struct MaskedOutput {
+    inner: Rc<dyn Recompute>,
+    mask: Saved,
+    mul: f64,
+    add: f64,
+    op: &'static str,
+}
+
+impl Recompute for MaskedOutput {
+    fn rows(&self, first: usize, count: usize) -> Result<Tensor> {
+        // A new tensor (the `Recompute` contract): the mask may go into it in place.
+        let y = self.inner.rows(first, count)?;
+        mask_rows(&self.mask, y, first, count, self.mul, self.add)
+    }
+
+    fn label(&self) -> String {
+        format!("{}, {}", self.inner.label(), self.op)
+    }
+}
+
+/// The rebuild of a ReLU's output whose input `inner` rebuilds, with the ReLU's saved sign
+/// mask `mask` (see [`MaskedOutput`]): what a conv after conv → batch norm → ReLU saves.
+pub(crate) fn relu_output(inner: Rc<dyn Recompute>, mask: Saved) -> Rc<dyn Recompute> {
+    Rc::new(MaskedOutput {
+        inner,
+        mask,
+        mul: 1.0,
+        add: 0.0,
+        op: "relu",
+    })
+}
+
+/// `t ⊙ (m · mul + add)` for rows `first..first + count` of the saved sign mask `m`, `t` a
+/// new tensor of those rows that the caller hands over: on the CPU the bit-packed mask is
+/// expanded into 0/1 bytes and multiplied into `t` in place.
+pub(crate) fn mask_rows(
+    m: &Saved,
+    t: Tensor,
+    first: usize,
+    count: usize,
+    mul: f64,
+    add: f64,
+) -> Result<Tensor> {
+    let fused = fused_cpu_kernels()
+        && t.device().is_cpu()
+        && t.is_contiguous()
+        && matches!(t.dtype(), DType::F32 | DType::F64);
+    if let Packed::Compressed(c) = &m.0.packed {
+        if fused && is_bit_mask(c.as_ref()) {
+            let bits = c.unpack_rows(m.shape(), DType::U8, &Device::Cpu, first, count)?;
+            t.inplace_op2(&bits, &MaskInPlace(&MaskScale { mul, add }))?;
+            return Ok(t);
+        }
+    }
+    let mv = m.load_rows(first, count)?.to_dtype(t.dtype())?;
+    let mv = if (mul, add) == (1.0, 0.0) {
+        mv
+    } else {
+        mv.affine(mul, add)?
+    };
+    Ok(t.mul(&mv)?)
+}
+
+/// `max(t, 0)` written into `t`'s own buffer (contiguous CPU f32/f64); false, with `t`
+/// untouched, where that does not apply.
+pub(crate) fn relu_in_place(t: &Tensor) -> Result<bool> {
+    map_in_place(t, &Relu)
 }
 
 /// `g * ((x > 0) * mul + add)` for the forward input `x` (as `apply(x, g)`), the same

@@ -34,7 +34,7 @@ impl Default for Conv2dParams {
 }
 
 /// Checks shapes and returns `(out_h, out_w)`.
-fn check_conv2d(
+pub(crate) fn check_conv2d(
     x: &[usize],
     w: &[usize],
     b: Option<&[usize]>,
@@ -80,7 +80,7 @@ fn check_conv2d(
 }
 
 /// Gradient of the input, `[N, Cin, h, w]`: the transposed convolution of `g` with `w`.
-fn conv2d_grad_input(
+pub(crate) fn conv2d_grad_input(
     g: &Tensor,
     w: &Tensor,
     h: usize,
@@ -143,7 +143,7 @@ fn conv2d_grad_input(
 /// g[n, co, oy, ox]`, a convolution of `x` (batch and channels swapped) with `g` as kernel,
 /// stride and dilation swapped. For groups the batch goes into the channel dim so that one
 /// grouped convolution does every group: input `[Cin/G, G*N, H, W]`, kernel `[Cout, N, OH, OW]`.
-fn conv2d_grad_weight(
+pub(crate) fn conv2d_grad_weight(
     x: &Tensor,
     g: &Tensor,
     kh: usize,
@@ -187,8 +187,9 @@ pub fn set_workspace_bytes(bytes: usize) {
     WORKSPACE_BYTES.store(bytes.max(1), Ordering::Relaxed);
 }
 
-/// Samples per chunk so that a chunk's unfolded columns fit the workspace.
-fn chunk_rows(n: usize, per_sample: usize) -> usize {
+/// Samples per chunk so that a chunk's unfolded columns fit the workspace (for fused ops
+/// whose chunks are convolutions, with `per_sample` all of a chunk's temporaries).
+pub(crate) fn chunk_rows(n: usize, per_sample: usize) -> usize {
     (WORKSPACE_BYTES.load(Ordering::Relaxed) / per_sample.max(1)).clamp(1, n.max(1))
 }
 
@@ -223,6 +224,49 @@ fn fill_rows(
         out.slice_set(&f(first, len)?.contiguous()?, 0, first)?;
     }
     Ok(())
+}
+
+/// Samples per chunk of a forward convolution of `x` with `w` into `(oh, ow)` outputs. Per
+/// sample of a chunk: the unfolded columns, candle's gemm output and its reordered copy,
+/// and (strided or padded) a copy of the input rows. For a 1x1 kernel the columns are small
+/// and those copies, not the columns, are what grows with the chunk.
+fn forward_chunk_rows(x: &Tensor, w: &Tensor, (oh, ow): (usize, usize)) -> usize {
+    let (xd, wd) = (x.dims(), w.dims());
+    let elem = x.dtype().size_in_bytes();
+    let cols_in = xd[1] * wd[2] * wd[3] * oh * ow * elem;
+    let x_sample = xd[1] * xd[2] * xd[3] * elem;
+    let g_sample = wd[0] * oh * ow * elem;
+    chunk_rows(xd[0], cols_in + 2 * g_sample + x_sample)
+}
+
+/// The convolution of `x: [N, Cin, H, W]` with `w` (no bias), a batch chunk at a time into
+/// one new `[N, Cout, OH, OW]` tensor, for fused ops that run a conv inside their node.
+pub(crate) fn conv2d_forward(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
+    let (oh, ow) = check_conv2d(x.dims(), w.dims(), None, p)?;
+    let chunk = forward_chunk_rows(x, w, (oh, ow));
+    chunked_rows(x.dim(0)?, chunk, x, &[w.dim(0)?, oh, ow], |s, len| {
+        Ok(x.narrow(0, s, len)?
+            .conv2d(w, p.padding, p.stride, p.dilation, p.groups)?)
+    })
+}
+
+/// [`conv2d_forward`] of an `x` the caller hands over and nothing else reads: where the
+/// output has the input's per-sample size and the batch runs in several chunks, each chunk's
+/// output is written over the rows of `x` it was computed from (which nothing reads again),
+/// so the layer costs one buffer, not two.
+pub(crate) fn conv2d_forward_over(x: Tensor, w: &Tensor, p: Conv2dParams) -> Result<Tensor> {
+    let (oh, ow) = check_conv2d(x.dims(), w.dims(), None, p)?;
+    let (n, cout) = (x.dim(0)?, w.dim(0)?);
+    let chunk = forward_chunk_rows(&x, w, (oh, ow));
+    if chunk >= n || cout * oh * ow != x.elem_count() / n.max(1) || !x.is_contiguous() {
+        return conv2d_forward(&x, w, p);
+    }
+    let y = x.reshape((n, cout, oh, ow))?;
+    fill_rows(&y, chunk, |s, len| {
+        Ok(x.narrow(0, s, len)?
+            .conv2d(w, p.padding, p.stride, p.dilation, p.groups)?)
+    })?;
+    Ok(y)
 }
 
 impl Tape {
@@ -302,13 +346,10 @@ impl Tape {
             None
         };
         let (xt, wt) = (x.tensor(), w.tensor());
-        // Per sample of a chunk: the unfolded columns, candle's gemm output and its reordered
-        // copy, and (strided or padded) a copy of the input rows. For a 1x1 kernel the
-        // columns are small and those copies, not the columns, are what grows with the chunk.
         let (h, wd) = (x.dims()[2], x.dims()[3]);
         let x_sample_bytes = cin * h * wd * elem;
         let g_sample_bytes = cout * oh * ow * elem;
-        let chunk = chunk_rows(n, cols_in + 2 * g_sample_bytes + x_sample_bytes);
+        let chunk = forward_chunk_rows(xt, wt, (oh, ow));
         let over_input = owned
             && b.is_none()
             && chunk < n

@@ -14,6 +14,7 @@ pub mod loss;
 pub mod mlp;
 pub mod norm;
 pub mod pool;
+pub mod residual;
 pub mod shape;
 pub mod softmax;
 pub mod sparse;

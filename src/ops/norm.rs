@@ -589,23 +589,18 @@ type RowLoader<'a> = &'a dyn Fn(usize, usize) -> Result<Tensor>;
 /// alive next to `g` and `gx`. Sums are f64 and run in sample order whatever the chunking.
 /// With `g` owned, `gx` is written into `g`'s own buffer (and comes back owned).
 #[allow(clippy::too_many_arguments)]
-fn bn_backward_kernel<T: WithDType>(
-    g: Grad,
+/// `(Σ g, Σ g x̂, the input if one chunk read it whole)` per channel over `g: [N, C, S]`,
+/// the saved input read through `load` in chunks of `chunk` samples (no `Σ g x̂` without it).
+#[allow(clippy::type_complexity)]
+fn bn_reductions<T: WithDType>(
+    g: &Tensor,
     x: Option<(RowLoader, &Tensor, &Tensor)>,
-    gamma: Option<&Tensor>,
     (n, c, s): (usize, usize, usize),
     chunk: usize,
-    training: bool,
-    want: [bool; 3],
-) -> Result<(Option<Grad>, Option<Tensor>, Option<Tensor>)> {
-    let dims = g.tensor().dims().to_vec();
-    let to_t = |v: &[f64]| vec_tensor(v.iter().map(|&v| T::from_f64(v)).collect::<Vec<T>>(), &[c]);
+) -> Result<(Vec<f64>, Option<Vec<f64>>, Option<Tensor>)> {
     let chunk = chunk.clamp(1, n.max(1));
-    let sample = c * s;
-    let to_f64 = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1()?) };
-    // Pass 1: the reductions. A chunk covering the batch is kept for the second pass.
     let mut whole: Option<Tensor> = None;
-    let (sum_g, sum_gxh) = with_slices::<T, _>(&[g.tensor()], |gv| {
+    let (sum_g, sum_gxh) = with_slices::<T, _>(&[g], |gv| {
         let gs = gv[0];
         let sum_g = channel_sums(n, c, |ni, ci| {
             let p = &gs[(ni * c + ci) * s..][..s];
@@ -641,6 +636,25 @@ fn bn_backward_kernel<T: WithDType>(
         }
         Ok((sum_g, Some(sum_gxh)))
     })?;
+    Ok((sum_g, sum_gxh, whole))
+}
+
+fn bn_backward_kernel<T: WithDType>(
+    g: Grad,
+    x: Option<(RowLoader, &Tensor, &Tensor)>,
+    gamma: Option<&Tensor>,
+    (n, c, s): (usize, usize, usize),
+    chunk: usize,
+    training: bool,
+    want: [bool; 3],
+) -> Result<(Option<Grad>, Option<Tensor>, Option<Tensor>)> {
+    let dims = g.tensor().dims().to_vec();
+    let to_t = |v: &[f64]| vec_tensor(v.iter().map(|&v| T::from_f64(v)).collect::<Vec<T>>(), &[c]);
+    let chunk = chunk.clamp(1, n.max(1));
+    let sample = c * s;
+    let to_f64 = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1()?) };
+    // Pass 1: the reductions. A chunk covering the batch is kept for the second pass.
+    let (sum_g, sum_gxh, whole) = bn_reductions::<T>(g.tensor(), x, (n, c, s), chunk)?;
     let gb = if want[2] { Some(to_t(&sum_g)?) } else { None };
     let gg = match &sum_gxh {
         Some(v) if want[1] => Some(to_t(v)?),
@@ -1031,7 +1045,6 @@ impl Tape {
         if training && m < 2 {
             bail!("{op}: training needs more than one value per channel, got input {dims:?}");
         }
-        let dtype = x.dtype();
         let ncs = (n, c, s);
         let inputs = [x, gamma, beta];
         let need_x = x.is_tracked() || gamma.is_tracked();
@@ -1042,50 +1055,16 @@ impl Tape {
         } else {
             None
         };
-        let kernel = use_kernel(&[x.tensor(), gamma.tensor(), beta.tensor()]);
-        let in_place = owned && kernel && self.may_overwrite(x, sx.as_ref());
-        let fwd = if kernel {
-            let run = if training {
-                None
-            } else {
-                Some((&running.mean, &running.var))
-            };
-            by_dtype!(
-                dtype,
-                bn_forward_kernel,
-                x.tensor(),
-                gamma.tensor(),
-                beta.tensor(),
-                run,
-                ncs,
-                eps,
-                in_place
-            )?
-        } else {
-            bn_forward_generic(
-                x.tensor(),
-                gamma.tensor(),
-                beta.tensor(),
-                training,
-                running,
-                ncs,
-                eps,
-            )?
-        };
-        let BnForward {
-            mean,
-            invstd,
-            batch_var,
-            y,
-        } = fwd;
-        if let Some(var) = batch_var {
-            // Running statistics (buffers, not part of the graph).
-            let rd = running.mean.dtype();
-            let bm = mean.to_dtype(rd)?;
-            let bv = (var * (m as f64 / (m - 1) as f64))?.to_dtype(rd)?;
-            running.mean = ((&running.mean * (1.0 - momentum))? + (bm * momentum)?)?;
-            running.var = ((&running.var * (1.0 - momentum))? + (bv * momentum)?)?;
-        }
+        let in_place = owned && self.may_overwrite(x, sx.as_ref());
+        let BnOutput { y, mean, invstd } = bn_forward(
+            x.tensor(),
+            gamma.tensor(),
+            beta.tensor(),
+            running,
+            (momentum, eps),
+            training,
+            in_place,
+        )?;
         if !self.needs_grad(&inputs) {
             return Ok(self.constant(y));
         }
@@ -1104,7 +1083,18 @@ impl Tape {
             None
         };
         drop((mean, invstd));
-        self.record_grad(op, &inputs, y, move |g, needs| {
+        // The output, for the op that reads it next (a ReLU, then a conv that saves the
+        // ReLU's output): rebuilt from the saved input and statistics, not stored again.
+        let rebuild = cx.as_ref().map(|(x, mean, invstd)| {
+            batch_norm_output(
+                x.clone(),
+                mean.clone(),
+                invstd.clone(),
+                gamma.tensor().clone(),
+                beta.tensor().clone(),
+            )
+        });
+        let y = self.record_grad(op, &inputs, y, move |g, needs| {
             let want = [needs[0], needs[1], needs[2]];
             let stats = match &cx {
                 Some((_, cm, ci)) => Some((cm.load()?, ci.load()?)),
@@ -1164,7 +1154,11 @@ impl Tape {
                 gg.map(Grad::owned),
                 gb.map(Grad::owned),
             ])
-        })
+        })?;
+        if let Some(r) = rebuild {
+            self.offer_recompute(&y, r);
+        }
+        Ok(y)
     }
 
     /// Layer normalisation over the last dim: `y = (x - mean) / sqrt(var + eps) * gamma + beta`
@@ -1404,6 +1398,337 @@ impl Recompute for NormOutput {
     fn label(&self) -> String {
         format!("from {}", self.op)
     }
+}
+
+/// What [`bn_forward`] computed: the output and the `[C]` statistics it normalised with.
+pub(crate) struct BnOutput {
+    pub y: Tensor,
+    pub mean: Tensor,
+    pub invstd: Tensor,
+}
+
+/// Batch-norm forward of `x: [N, C, ..]` with the batch's statistics (`training`, which also
+/// updates `running` with `momentum`) or the running ones. `in_place`: the caller owns `x`
+/// and nothing reads it as it is afterwards, so on the CPU kernels the output takes its buffer.
+pub(crate) fn bn_forward(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running: &mut BatchNormStats,
+    (momentum, eps): (f64, f64),
+    training: bool,
+    in_place: bool,
+) -> Result<BnOutput> {
+    let dims = x.dims();
+    let (n, c) = (dims[0], dims[1]);
+    let s: usize = dims[2..].iter().product();
+    let m = n * s;
+    let kernel = use_kernel(&[x, gamma, beta]);
+    let fwd = if kernel {
+        let run = if training {
+            None
+        } else {
+            Some((&running.mean, &running.var))
+        };
+        by_dtype!(
+            x.dtype(),
+            bn_forward_kernel,
+            x,
+            gamma,
+            beta,
+            run,
+            (n, c, s),
+            eps,
+            in_place
+        )?
+    } else {
+        bn_forward_generic(x, gamma, beta, training, running, (n, c, s), eps)?
+    };
+    let BnForward {
+        mean,
+        invstd,
+        batch_var,
+        y,
+    } = fwd;
+    if let Some(var) = batch_var {
+        // Running statistics (buffers, not part of the graph).
+        let rd = running.mean.dtype();
+        let bm = mean.to_dtype(rd)?;
+        let bv = (var * (m as f64 / (m - 1) as f64))?.to_dtype(rd)?;
+        running.mean = ((&running.mean * (1.0 - momentum))? + (bm * momentum)?)?;
+        running.var = ((&running.var * (1.0 - momentum))? + (bv * momentum)?)?;
+    }
+    Ok(BnOutput { y, mean, invstd })
+}
+
+/// Batch-norm backward for a consumer that takes the input gradient a few samples at a
+/// time (a convolution's backward, chunk by chunk): [`BnChunkGrad::new`] makes the
+/// per-channel reductions over the whole batch (reading the saved input in chunks), then
+/// [`BnChunkGrad::rows`] gives the input gradient of any samples — so it never exists
+/// whole. CPU f32/f64 only ([`BnChunkGrad::applies`]).
+pub(crate) struct BnChunkGrad {
+    k: BnGx,
+    x: Saved,
+    dims: Vec<usize>,
+    /// `(Σ g x̂, Σ g)` per channel: the gradients of gamma and beta.
+    pub gamma_grad: Tensor,
+    pub beta_grad: Tensor,
+}
+
+impl BnChunkGrad {
+    /// Whether the kernels apply to these tensors.
+    pub(crate) fn applies(ts: &[&Tensor]) -> bool {
+        use_kernel(ts) && ts.iter().all(|t| t.is_contiguous())
+    }
+
+    /// The reductions over `g: [N, C, ..]` and the saved input `x` (normalised with the
+    /// saved `mean` and `invstd` in training).
+    pub(crate) fn new(
+        g: &Tensor,
+        x: &Saved,
+        mean: &Saved,
+        invstd: &Saved,
+        gamma: &Tensor,
+    ) -> Result<Self> {
+        by_dtype!(g.dtype(), bn_chunk_grad_new, g, x, mean, invstd, gamma)
+    }
+
+    /// The reductions gathered chunk by chunk in `sums` (over all `n` samples of the saved
+    /// input `x`), for an output gradient that never existed whole.
+    pub(crate) fn from_sums(
+        sums: BnSums,
+        x: &Saved,
+        mean: &Saved,
+        invstd: &Saved,
+        gamma: &Tensor,
+    ) -> Result<Self> {
+        let dims = x.shape().dims().to_vec();
+        let BnSums { sum_g, sum_gxh, .. } = sums;
+        by_dtype!(
+            gamma.dtype(),
+            bn_chunk_grad_from,
+            sum_g,
+            sum_gxh,
+            x,
+            mean,
+            invstd,
+            gamma,
+            dims
+        )
+    }
+
+    /// The input gradient of samples `first..first + count`, a new tensor.
+    pub(crate) fn rows(&self, g: &Tensor, first: usize, count: usize) -> Result<Tensor> {
+        self.apply(g.narrow(0, first, count)?.force_contiguous()?, first, count)
+    }
+
+    /// [`BnChunkGrad::rows`] of an output gradient chunk `g` (samples `first..first +
+    /// count`) the caller hands over: written into it.
+    pub(crate) fn apply(&self, g: Tensor, first: usize, count: usize) -> Result<Tensor> {
+        let mut dims = self.dims.clone();
+        dims[0] = count;
+        let xc = self.x.load_rows(first, count)?.contiguous()?;
+        g.inplace_op2(&xc, &self.k)?;
+        Ok(g.reshape(dims)?)
+    }
+}
+
+/// Batch norm's per-channel reductions `Σ g` and `Σ g x̂` gathered a chunk of samples at a
+/// time (for [`BnChunkGrad::from_sums`]), in sample order: the same sums, bit for bit, as
+/// one pass over the whole gradient.
+pub(crate) struct BnSums {
+    sum_g: Vec<f64>,
+    sum_gxh: Vec<f64>,
+}
+
+impl BnSums {
+    pub(crate) fn new(channels: usize) -> Self {
+        Self {
+            sum_g: vec![0.0; channels],
+            sum_gxh: vec![0.0; channels],
+        }
+    }
+
+    /// Adds the samples of the chunk `g` (contiguous `[count, C, ..]`, CPU), whose saved
+    /// input is `x`, normalised with `mean` and `invstd`.
+    pub(crate) fn add(
+        &mut self,
+        g: &Tensor,
+        x: &Tensor,
+        mean: &Tensor,
+        invstd: &Tensor,
+    ) -> Result<()> {
+        by_dtype!(g.dtype(), bn_sums_add, self, g, x, mean, invstd)
+    }
+}
+
+fn bn_sums_add<T: WithDType>(
+    sums: &mut BnSums,
+    g: &Tensor,
+    x: &Tensor,
+    mean: &Tensor,
+    invstd: &Tensor,
+) -> Result<()> {
+    let dims = g.dims();
+    let (count, c) = (dims[0], dims[1]);
+    let s: usize = dims[2..].iter().product();
+    let (mean, invstd): (Vec<T>, Vec<T>) = (mean.to_vec1()?, invstd.to_vec1()?);
+    with_slices::<T, _>(&[g, x], |v| {
+        let (gs, xs) = (v[0], v[1]);
+        sums.sum_g.par_iter_mut().enumerate().for_each(|(ci, acc)| {
+            for ni in 0..count {
+                let p = &gs[(ni * c + ci) * s..][..s];
+                *acc += lane_sum(s, |j| p[j]);
+            }
+        });
+        bn_sum_gxh_rows(&mut sums.sum_gxh, gs, xs, &mean, &invstd, (c, s), 0, count);
+        Ok(())
+    })
+}
+
+fn bn_chunk_grad_new<T: WithDType>(
+    g: &Tensor,
+    x: &Saved,
+    mean: &Saved,
+    invstd: &Saved,
+    gamma: &Tensor,
+) -> Result<BnChunkGrad> {
+    let dims = g.dims().to_vec();
+    let (n, c) = (dims[0], dims[1]);
+    let s: usize = dims[2..].iter().product();
+    let (mean_t, invstd_t) = (mean.load()?, invstd.load()?);
+    let load = |first: usize, count: usize| -> Result<Tensor> { x.load_rows(first, count) };
+    let chunk = super::chunk_rows_for(n, c * s * g.dtype().size_in_bytes());
+    let (sum_g, sum_gxh, _) = bn_reductions::<T>(
+        g,
+        Some((&load as RowLoader, &mean_t, &invstd_t)),
+        (n, c, s),
+        chunk,
+    )?;
+    let sum_gxh = sum_gxh.unwrap_or_default();
+    bn_chunk_grad_from::<T>(sum_g, sum_gxh, x, mean, invstd, gamma, dims)
+}
+
+fn bn_chunk_grad_from<T: WithDType>(
+    sum_g: Vec<f64>,
+    sum_gxh: Vec<f64>,
+    x: &Saved,
+    mean: &Saved,
+    invstd: &Saved,
+    gamma: &Tensor,
+    dims: Vec<usize>,
+) -> Result<BnChunkGrad> {
+    let (n, c) = (dims[0], dims[1]);
+    let s: usize = dims[2..].iter().product();
+    let to_t = |v: &[f64]| vec_tensor(v.iter().map(|&v| T::from_f64(v)).collect::<Vec<T>>(), &[c]);
+    let to_f64 = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1()?) };
+    Ok(BnChunkGrad {
+        gamma_grad: to_t(&sum_gxh)?,
+        beta_grad: to_t(&sum_g)?,
+        k: BnGx {
+            mean: to_f64(&mean.load()?)?,
+            invstd: to_f64(&invstd.load()?)?,
+            gamma: to_f64(gamma)?,
+            sum_g,
+            sum_gxh,
+            inv_m: 1.0 / (n * s) as f64,
+            training: true,
+            c,
+            s,
+        },
+        x: x.clone(),
+        dims,
+    })
+}
+
+/// A batch norm's output rebuilt from its saved input `x` (`[N, C, ..]`) and the per-channel
+/// statistics it was normalised with: `(x - mean[c]) · invstd[c] · gamma[c] + beta[c]`. The
+/// statistics are exact, so the output is affine in the (quantized) input: unbiased where
+/// the input is, and read in the same rows.
+pub(crate) struct BatchNormOutput {
+    x: Saved,
+    mean: Saved,
+    invstd: Saved,
+    gamma: Tensor,
+    beta: Tensor,
+}
+
+/// The rebuild of a batch norm's output from its saved input `x`, statistics and affine
+/// parameters (see [`BatchNormOutput`]).
+pub(crate) fn batch_norm_output(
+    x: Saved,
+    mean: Saved,
+    invstd: Saved,
+    gamma: Tensor,
+    beta: Tensor,
+) -> Rc<dyn Recompute> {
+    Rc::new(BatchNormOutput {
+        x,
+        mean,
+        invstd,
+        gamma,
+        beta,
+    })
+}
+
+impl Recompute for BatchNormOutput {
+    fn rows(&self, first: usize, count: usize) -> Result<Tensor> {
+        let x = self.x.load_rows(first, count)?;
+        let dims = x.dims().to_vec();
+        let c = dims[1];
+        let s: usize = dims[2..].iter().product();
+        let (mean, invstd) = (self.mean.load()?, self.invstd.load()?);
+        let scale = (&invstd * &self.gamma)?;
+        // An unpacked chunk is ours: normalised in place, as the forward kernel does.
+        if use_kernel(&[&x, &mean, &scale, &self.beta])
+            && !self.x.stored_as_is()
+            && x.is_contiguous()
+        {
+            by_dtype!(
+                x.dtype(),
+                bn_apply_in_place,
+                &x,
+                &mean,
+                &scale,
+                &self.beta,
+                (c, s)
+            )?;
+            return Ok(x);
+        }
+        let per_channel = |t: &Tensor| -> Result<Tensor> {
+            let mut d = vec![1; dims.len()];
+            d[1] = c;
+            Ok(t.reshape(d)?)
+        };
+        Ok(x.broadcast_sub(&per_channel(&mean)?)?
+            .broadcast_mul(&per_channel(&scale)?)?
+            .broadcast_add(&per_channel(&self.beta)?)?)
+    }
+
+    fn label(&self) -> String {
+        "from batch_norm".to_string()
+    }
+}
+
+fn bn_apply_in_place<T: WithDType>(
+    x: &Tensor,
+    mean: &Tensor,
+    scale: &Tensor,
+    beta: &Tensor,
+    cs: (usize, usize),
+) -> Result<()> {
+    let (mean, scale, beta) = (
+        mean.to_vec1::<T>()?,
+        scale.to_vec1::<T>()?,
+        beta.to_vec1::<T>()?,
+    );
+    x.inplace_op1(&BnApplyInPlace {
+        mean: &mean,
+        scale: &scale,
+        beta: &beta,
+        cs,
+    })?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
