@@ -129,8 +129,10 @@ fn context_totals(log: &[ContextRecord]) -> (usize, usize) {
     })
 }
 
+/// ResNet-18 at L3 stores 23.2x less context than L0 (18.1x while the conv after each
+/// BN → ReLU stored its input instead of rebuilding it): at least 20x.
 #[test]
-fn resnet18_context_is_at_least_14x_smaller_at_l3() {
+fn resnet18_context_is_at_least_20x_smaller_at_l3() {
     let def = load_def("resnet18-cifar").unwrap();
     let mut model = Model::build(&def, &image(&[3, 32, 32], 10), 1).unwrap();
     let x = Tensor::randn(0f32, 1.0, (64, 3, 32, 32), &Device::Cpu).unwrap();
@@ -169,7 +171,7 @@ fn resnet18_context_is_at_least_14x_smaller_at_l3() {
     assert_eq!(l0, l3_unc, "L0 stores exactly the uncompressed context");
     let ratio = l0 as f64 / l3 as f64;
     println!("ResNet-18 (CIFAR, batch 64): L0 {l0} B, L3 {l3} B, {ratio:.2}x smaller");
-    assert!(ratio >= 14.0, "L3 context only {ratio:.2}x smaller than L0");
+    assert!(ratio >= 20.0, "L3 context only {ratio:.2}x smaller than L0");
 }
 
 #[test]
