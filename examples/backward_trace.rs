@@ -9,47 +9,26 @@
 use actrain::allocate::{policy_for, Allocator};
 use actrain::compress::policy::{CompressConfig, Level};
 use actrain::memory::counting::{current_bytes, peak_bytes, reset_peak};
-use actrain::model::{load_def, random_batch, InputSpec, Model};
+use actrain::model::Model;
 use actrain::ops::loss::CrossEntropyOptions;
 use actrain::tape::Tape;
 use anyhow::{anyhow, Result};
+use common::arg;
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
+mod common;
 
 fn mib(b: usize) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
 fn main() -> Result<()> {
-    let model_name = arg("--model", "resnet18-cifar");
-    let batch: usize = arg("--batch", "128").parse()?;
+    let setup = common::setup("128")?;
+    let (model_name, batch) = (&setup.model_name, setup.batch);
+    let (x, y) = (setup.x.clone(), setup.y.clone());
     let level: Level = arg("--level", "L3")
         .parse()
         .map_err(|e| anyhow!("--level: {e}"))?;
-    let shape: Vec<usize> = arg("--shape", "3x32x32")
-        .split('x')
-        .map(|s| s.parse())
-        .collect::<Result<_, _>>()?;
-    let vocab: Option<usize> = match arg("--vocab", "") {
-        v if v.is_empty() => None,
-        v => Some(v.parse()?),
-    };
-    let spec = InputSpec {
-        sample_shape: shape,
-        tokens: vocab.is_some(),
-        vocab,
-        num_outputs: vocab.unwrap_or(10),
-        graph: false,
-    };
-    let def = load_def(&model_name)?;
-    let (x, y) = random_batch(&spec, batch, 1)?;
-    let mut model = Model::build(&def, &spec, 1)?;
+    let mut model = Model::build(&setup.def, &setup.spec, 1)?;
     let allocator: Allocator = arg("--allocator", "variance")
         .parse()
         .map_err(|e| anyhow!("--allocator: {e}"))?;

@@ -5,53 +5,27 @@
 //! (a language model: `-- --model gpt-char --shape 64 --vocab 65`)
 
 use actrain::compress::policy::{CompressConfig, CompressPolicy, Level};
-use actrain::model::{load_def, random_batch, InputSpec, Model};
+use actrain::model::Model;
 use actrain::ops::loss::CrossEntropyOptions;
 use actrain::tape::Tape;
 use actrain::train::optim::{Optimizer, OptimizerConfig};
 use anyhow::Result;
+use common::arg;
+
+mod common;
 use std::time::Instant;
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
-        .unwrap_or_else(|| default.to_string())
-}
-
 fn main() -> Result<()> {
-    let model_name = arg("--model", "resnet18-cifar");
-    let batch: usize = arg("--batch", "32").parse()?;
+    let setup = common::setup("32")?;
+    let (model_name, batch) = (&setup.model_name, setup.batch);
+    let (x, y) = (setup.x.clone(), setup.y.clone());
     let reps: usize = arg("--reps", "5").parse()?;
-    let shape: Vec<usize> = arg("--shape", "3x32x32")
-        .split('x')
-        .map(|s| s.parse())
-        .collect::<Result<_, _>>()?;
-    // `--vocab N`: token ids below N in a sequence of `--shape` (e.g. `--shape 64 --vocab 65`
-    // for gpt-char), predicted per position.
-    let vocab: Option<usize> = match arg("--vocab", "") {
-        v if v.is_empty() => None,
-        v => Some(
-            v.parse()
-                .map_err(|e| anyhow::anyhow!("--vocab {v}: expected a number of tokens ({e})"))?,
-        ),
-    };
-    let spec = InputSpec {
-        sample_shape: shape,
-        tokens: vocab.is_some(),
-        vocab,
-        num_outputs: vocab.unwrap_or(10),
-        graph: false,
-    };
-    let def = load_def(&model_name)?;
-    let (x, y) = random_batch(&spec, batch, 1)?;
     let levels = [Level::L0, Level::L1, Level::L2, Level::L3, Level::L4];
     let mut models: Vec<(Model, Optimizer)> = levels
         .iter()
         .map(|_| -> Result<_> {
             Ok((
-                Model::build(&def, &spec, 1)?,
+                Model::build(&setup.def, &setup.spec, 1)?,
                 Optimizer::new(OptimizerConfig::Sgd {
                     momentum: 0.9,
                     nesterov: false,

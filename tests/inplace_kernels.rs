@@ -804,13 +804,7 @@ fn projection_shortcut_fused_with_the_sum_matches_the_composed_ops() {
             let h = t.conv2d(&x, &v[1], None, s2(1))?;
             let h = t.relu(&h)?;
             let sc = ProjectionShortcut {
-                conv: ConvBn {
-                    w: &v[2],
-                    gamma: &v[3],
-                    beta: &v[4],
-                    momentum: 0.1,
-                    eps: 1e-5,
-                },
+                conv: ConvBn::new(&v[2], &v[3], &v[4]),
                 stride: 2,
             };
             let mut stats = BatchNormStats::new(6, v[0].dtype(), &Device::Cpu)?;
@@ -856,13 +850,7 @@ fn identity_block_fused_matches_the_composed_ops() {
         let f = move |t: &mut Tape, v: &[Value]| -> Result<Value> {
             // A non-parameter input, so that its context is quantized at L3.
             let x = t.scale(&v[0], 1.5)?;
-            let cb = |i: usize| ConvBn {
-                w: &v[i],
-                gamma: &v[i + 1],
-                beta: &v[i + 2],
-                momentum: 0.1,
-                eps: 1e-5,
-            };
+            let cb = |i: usize| ConvBn::new(&v[i], &v[i + 1], &v[i + 2]);
             let p = Conv2dParams {
                 padding: 1,
                 ..Default::default()

@@ -90,6 +90,24 @@ fn max_scaled_diff(a: &Tensor, b: &Tensor) -> f32 {
     d.to_scalar::<f32>().unwrap() / scale.max(1e-30)
 }
 
+/// Runs `f` storing every context and rebuilding what can be rebuilt, nothing rounded in
+/// either, and checks that the outputs and every input's gradient agree; returns both logs
+/// (stored, rebuilt).
+fn stored_vs_rebuilt(
+    inputs: &[Tensor],
+    f: &dyn Fn(&mut Tape, &[Value]) -> Result<Value>,
+    what: &str,
+) -> (Vec<ContextRecord>, Vec<ContextRecord>) {
+    let (out_k, grads_k, log_k) = run(Box::new(KeepPolicy), inputs, f);
+    let (out_r, grads_r, log_r) = run(Box::new(KeepButRebuild), inputs, f);
+    assert!(max_scaled_diff(&out_r, &out_k) < 1e-6, "{what}: outputs");
+    for (i, (a, b)) in grads_r.iter().zip(&grads_k).enumerate() {
+        let d = max_scaled_diff(a.as_ref().unwrap(), b.as_ref().unwrap());
+        assert!(d < 1e-5, "{what}: gradient of input {i} differs by {d:.2e}");
+    }
+    (log_k, log_r)
+}
+
 fn rebuilt(log: &[ContextRecord]) -> Vec<(&str, String, Vec<usize>)> {
     log.iter()
         .filter(|r| r.repr.starts_with("from "))
@@ -107,16 +125,9 @@ fn rebuilt_contexts_give_the_stored_contexts_gradients() {
         for chunk in [None, Some(512)] {
             set_context_chunk_bytes(chunk);
             let f = |t: &mut Tape, v: &[Value]| prenorm_block(t, v, prenorm);
-            let (out_k, grads_k, log_k) = run(Box::new(KeepPolicy), &inputs, &f);
-            let (out_r, grads_r, log_r) = run(Box::new(KeepButRebuild), &inputs, &f);
-            set_context_chunk_bytes(None);
             let what = format!("prenorm {prenorm}, chunk {chunk:?}");
-            assert!(max_scaled_diff(&out_r, &out_k) < 1e-6, "{what}: outputs");
-            for (i, (a, b)) in grads_r.iter().zip(&grads_k).enumerate() {
-                let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
-                let d = max_scaled_diff(a, b);
-                assert!(d < 1e-5, "{what}: gradient of input {i} differs by {d:.2e}");
-            }
+            let (log_k, log_r) = stored_vs_rebuilt(&inputs, &f, &what);
+            set_context_chunk_bytes(None);
             assert!(rebuilt(&log_k).is_empty(), "{what}: KeepPolicy rebuilds");
             let expect = vec![
                 ("linear", "from layer_norm".to_string(), vec![4, 6, 8]),
@@ -176,38 +187,54 @@ fn gradients_through_rebuilt_contexts_stay_unbiased() {
         };
         t.multi_head_attention(&n, &attn)
     };
-    let (_, exact, _) = run(Box::new(KeepPolicy), &inputs, &f);
-    let draws = 200;
     // wv (input 5) and wo (input 6).
     for which in [5usize, 6] {
-        let exact = exact[which].as_ref().unwrap();
-        let mut mean: Option<Tensor> = None;
-        let mut single = 0f64;
-        let dist = |a: &Tensor| -> f64 {
-            let d = (a - exact).unwrap().sqr().unwrap().sum_all().unwrap();
-            let n = exact.sqr().unwrap().sum_all().unwrap();
-            (d.to_scalar::<f32>().unwrap() as f64 / n.to_scalar::<f32>().unwrap() as f64).sqrt()
-        };
-        for s in 0..draws {
-            let (_, g, log) = run(l3(1000 + s), &inputs, &f);
-            assert_eq!(rebuilt(&log).len(), 2);
-            let g = g[which].clone().unwrap();
-            single += dist(&g) / draws as f64;
-            let part = (g / draws as f64).unwrap();
-            mean = Some(match mean {
-                None => part,
-                Some(m) => (m + part).unwrap(),
-            });
-        }
-        let averaged = dist(&mean.unwrap());
-        println!("input {which}: single draw {single:.4}, mean of {draws} {averaged:.4}");
-        assert!(single > 1e-3, "2-bit contexts should perturb it ({single})");
-        // Unbiased: ≈ single / sqrt(200) = single / 14. Allow single / 7.
-        assert!(
-            averaged < single / 7.0,
-            "input {which}: mean of {draws} draws {averaged} vs single {single}: biased?"
-        );
+        mean_of_draws_converges(&inputs, &f, which, 1000, 2, &format!("input {which}"));
     }
+}
+
+/// The gradient of input `which` of `f` over 200 L3 draws (seeds from `seed`, `rebuilt`
+/// rebuilt contexts in each log): one draw is perturbed, and the mean of the draws is at
+/// least 7x closer to the exact gradient than one draw is — an unbiased estimator's mean is
+/// √200 ≈ 14x closer, a biased one's stalls at its bias.
+fn mean_of_draws_converges(
+    inputs: &[Tensor],
+    f: &dyn Fn(&mut Tape, &[Value]) -> Result<Value>,
+    which: usize,
+    seed: u64,
+    rebuilt_contexts: usize,
+    what: &str,
+) {
+    let (_, exact, _) = run(Box::new(KeepPolicy), inputs, f);
+    let exact = exact[which].as_ref().unwrap();
+    let dist = |a: &Tensor| -> f64 {
+        let d = (a - exact).unwrap().sqr().unwrap().sum_all().unwrap();
+        let n = exact.sqr().unwrap().sum_all().unwrap();
+        (d.to_scalar::<f32>().unwrap() as f64 / n.to_scalar::<f32>().unwrap() as f64).sqrt()
+    };
+    let draws = 200;
+    let (mut mean, mut single): (Option<Tensor>, f64) = (None, 0.0);
+    for s in 0..draws {
+        let (_, g, log) = run(l3(seed + s), inputs, f);
+        assert_eq!(rebuilt(&log).len(), rebuilt_contexts, "{what}");
+        let g = g[which].clone().unwrap();
+        single += dist(&g) / draws as f64;
+        let part = (g / draws as f64).unwrap();
+        mean = Some(match mean {
+            None => part,
+            Some(m) => (m + part).unwrap(),
+        });
+    }
+    let averaged = dist(&mean.unwrap());
+    println!("{what}: single draw {single:.4}, mean of {draws} {averaged:.4}");
+    assert!(
+        single > 1e-3,
+        "{what}: 2-bit contexts should perturb it ({single})"
+    );
+    assert!(
+        averaged < single / 7.0,
+        "{what}: mean of {draws} draws {averaged} vs single {single}: biased?"
+    );
 }
 
 /// RMS norm (no mean) and a layer norm without affine parameters rebuild exactly too, and the
@@ -229,17 +256,8 @@ fn norms_without_mean_or_affine_rebuild_exactly() {
     };
     for chunk in [None, Some(256)] {
         set_context_chunk_bytes(chunk);
-        let (out_k, grads_k, _) = run(Box::new(KeepPolicy), &inputs, &f);
-        let (out_r, grads_r, log_r) = run(Box::new(KeepButRebuild), &inputs, &f);
+        let (_, log_r) = stored_vs_rebuilt(&inputs, &f, &format!("chunk {chunk:?}"));
         set_context_chunk_bytes(None);
-        assert!(max_scaled_diff(&out_r, &out_k) < 1e-6);
-        for (i, (a, b)) in grads_r.iter().zip(&grads_k).enumerate() {
-            let d = max_scaled_diff(a.as_ref().unwrap(), b.as_ref().unwrap());
-            assert!(
-                d < 1e-5,
-                "chunk {chunk:?}: gradient of input {i} differs by {d:.2e}"
-            );
-        }
         let labels: Vec<String> = rebuilt(&log_r).into_iter().map(|r| r.1).collect();
         assert_eq!(
             labels,
@@ -289,15 +307,9 @@ fn conv_inputs_after_batch_norm_and_relu_rebuild_exactly() {
         for chunk in [None, Some(1024)] {
             set_context_chunk_bytes(chunk);
             let f = |t: &mut Tape, v: &[Value]| conv_bn_act_conv(t, v, leaky);
-            let (out_k, grads_k, log_k) = run(Box::new(KeepPolicy), &inputs, &f);
-            let (out_r, grads_r, log_r) = run(Box::new(KeepButRebuild), &inputs, &f);
-            set_context_chunk_bytes(None);
             let what = format!("leaky {leaky}, chunk {chunk:?}");
-            assert!(max_scaled_diff(&out_r, &out_k) < 1e-6, "{what}: outputs");
-            for (i, (a, b)) in grads_r.iter().zip(&grads_k).enumerate() {
-                let d = max_scaled_diff(a.as_ref().unwrap(), b.as_ref().unwrap());
-                assert!(d < 1e-5, "{what}: gradient of input {i} differs by {d:.2e}");
-            }
+            let (log_k, log_r) = stored_vs_rebuilt(&inputs, &f, &what);
+            set_context_chunk_bytes(None);
             assert!(rebuilt(&log_k).is_empty(), "{what}");
             let act = if leaky { "leaky_relu" } else { "relu" };
             assert_eq!(
@@ -320,31 +332,5 @@ fn conv_inputs_after_batch_norm_and_relu_rebuild_exactly() {
 fn conv_weight_gradient_through_a_rebuilt_input_stays_unbiased() {
     let inputs = conv_block_inputs();
     let f = |t: &mut Tape, v: &[Value]| conv_bn_act_conv(t, v, false);
-    let (_, exact, _) = run(Box::new(KeepPolicy), &inputs, &f);
-    let exact = exact[4].as_ref().unwrap();
-    let dist = |a: &Tensor| -> f64 {
-        let d = (a - exact).unwrap().sqr().unwrap().sum_all().unwrap();
-        let n = exact.sqr().unwrap().sum_all().unwrap();
-        (d.to_scalar::<f32>().unwrap() as f64 / n.to_scalar::<f32>().unwrap() as f64).sqrt()
-    };
-    let draws = 200;
-    let (mut mean, mut single): (Option<Tensor>, f64) = (None, 0.0);
-    for s in 0..draws {
-        let (_, g, log) = run(l3(2000 + s), &inputs, &f);
-        assert_eq!(rebuilt(&log).len(), 1);
-        let g = g[4].clone().unwrap();
-        single += dist(&g) / draws as f64;
-        let part = (g / draws as f64).unwrap();
-        mean = Some(match mean {
-            None => part,
-            Some(m) => (m + part).unwrap(),
-        });
-    }
-    let averaged = dist(&mean.unwrap());
-    println!("conv weight: single draw {single:.4}, mean of {draws} {averaged:.4}");
-    assert!(single > 1e-3, "2-bit contexts should perturb it ({single})");
-    assert!(
-        averaged < single / 7.0,
-        "mean of {draws} draws {averaged} vs single {single}: biased?"
-    );
+    mean_of_draws_converges(&inputs, &f, 4, 2000, 1, "conv weight");
 }

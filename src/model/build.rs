@@ -617,13 +617,7 @@ fn residual_block(
             tape.param(store, q[2]),
         );
         let sc = ProjectionShortcut {
-            conv: ConvBn {
-                w: &w,
-                gamma: &g,
-                beta: &b,
-                momentum: 0.1,
-                eps: 1e-5,
-            },
+            conv: ConvBn::new(&w, &g, &b),
             stride,
         };
         let mut stats = BatchNormStats {
@@ -653,13 +647,7 @@ fn identity_block(
         .iter()
         .map(|&i| tape.param(store, p[i]))
         .collect();
-    let conv_bn = |i: usize| ConvBn {
-        w: &v[i],
-        gamma: &v[i + 1],
-        beta: &v[i + 2],
-        momentum: 0.1,
-        eps: 1e-5,
-    };
+    let conv_bn = |i: usize| ConvBn::new(&v[i], &v[i + 1], &v[i + 2]);
     let stats = |i: usize| BatchNormStats {
         mean: store.value(p[i]).clone(),
         var: store.value(p[i + 1]).clone(),

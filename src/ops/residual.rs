@@ -57,6 +57,19 @@ pub struct ConvBn<'a> {
     pub eps: f64,
 }
 
+impl<'a> ConvBn<'a> {
+    /// With PyTorch's batch-norm defaults (momentum 0.1, eps 1e-5).
+    pub fn new(w: &'a Value, gamma: &'a Value, beta: &'a Value) -> Self {
+        Self {
+            w,
+            gamma,
+            beta,
+            momentum: 0.1,
+            eps: 1e-5,
+        }
+    }
+}
+
 impl Tape {
     /// `x + BN2(conv2(relu(BN1(conv1(x)))))` (a basic residual block before its last ReLU),
     /// `x` handed over by the caller, both convs with `p` and the output shape of `x`, the
