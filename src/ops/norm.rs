@@ -1874,3 +1874,53 @@ fn row_backward_generic(
     let gb = if want[2] { Some(g2.sum(0)?) } else { None };
     Ok((gx, gg, gb))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp(n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 % 101) as f32 / 50.0 - 1.0) * scale)
+            .collect()
+    }
+
+    /// Batch norm's reductions gathered chunk by chunk ([`BnSums`], as a fused block makes
+    /// them) are the one-pass sums bit for bit, so the fused and composed gradients differ
+    /// only where the chunks' weight gradients are summed.
+    #[test]
+    fn chunked_sums_equal_the_one_pass_sums_exactly() -> Result<()> {
+        let (n, c, s) = (5, 3, 7);
+        // Samples of very different magnitudes, so that f64 sums depend on their order.
+        let scale = [1e9f32, 1e-9, 3.0, -1e9, 1e-7];
+        let g: Vec<f32> = ramp(n * c * s, 1.3)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * scale[i / (c * s)] + 1e-3 * i as f32)
+            .collect();
+        let g = Tensor::from_vec(g, (n, c, s), &Device::Cpu)?;
+        let x = Tensor::from_vec(
+            ramp(n * c * s + 3, 2.0)[3..].to_vec(),
+            (n, c, s),
+            &Device::Cpu,
+        )?;
+        let mean = Tensor::from_vec(vec![0.1f32, -0.2, 0.3], c, &Device::Cpu)?;
+        let invstd = Tensor::from_vec(vec![1.5f32, 0.7, 2.0], c, &Device::Cpu)?;
+        let load =
+            |first: usize, count: usize| -> Result<Tensor> { Ok(x.narrow(0, first, count)?) };
+        let (sum_g, sum_gxh, _) =
+            bn_reductions::<f32>(&g, Some((&load as RowLoader, &mean, &invstd)), (n, c, s), n)?;
+        let mut sums = BnSums::new(c);
+        for (first, len) in super::super::row_chunks(n, 2) {
+            sums.add(
+                &g.narrow(0, first, len)?.contiguous()?,
+                &x.narrow(0, first, len)?.contiguous()?,
+                &mean,
+                &invstd,
+            )?;
+        }
+        assert_eq!(sums.sum_g, sum_g);
+        assert_eq!(Some(sums.sum_gxh), sum_gxh);
+        Ok(())
+    }
+}
