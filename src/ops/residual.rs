@@ -284,7 +284,8 @@ impl Tape {
         let fused = self.fuses_in_chunks()
             && self.is_training()
             && fused_cpu_kernels()
-            && self.needs_grad(&[&h, x, sc.conv.w, sc.conv.gamma, sc.conv.beta])
+            // The conv's output is tracked, so the batch norm saves what the composed one does.
+            && self.needs_grad(&[x, sc.conv.w])
             && BnChunkGrad::applies(&tensors)
             && sc.conv.beta.tensor().dtype() == x.dtype();
         if !fused {
