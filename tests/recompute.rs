@@ -268,8 +268,7 @@ fn norms_without_mean_or_affine_rebuild_exactly() {
 }
 
 /// `conv → batch norm → ReLU → conv` (and LeakyReLU): the second conv's input is rebuilt
-/// from the batch norm's saved input and statistics times the ReLU's exact mask. With
-/// nothing rounded it gives the stored input's gradients, in row chunks or whole.
+/// from the batch norm's saved input and statistics times the ReLU's exact mask.
 fn conv_bn_act_conv(t: &mut Tape, v: &[Value], leaky: bool) -> Result<Value> {
     let p = actrain::ops::conv::Conv2dParams {
         padding: 1,
@@ -300,6 +299,8 @@ fn conv_block_inputs() -> Vec<Tensor> {
     ]
 }
 
+/// With nothing rounded the rebuilt conv input gives the stored input's gradients, in row
+/// chunks or whole, and the log names it `from batch_norm, relu`.
 #[test]
 fn conv_inputs_after_batch_norm_and_relu_rebuild_exactly() {
     let inputs = conv_block_inputs();

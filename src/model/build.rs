@@ -620,13 +620,9 @@ fn residual_block(
             conv: ConvBn::new(&w, &g, &b),
             stride,
         };
-        let mut stats = BatchNormStats {
-            mean: store.value(q[3]).clone(),
-            var: store.value(q[4]).clone(),
-        };
+        let mut stats = running_stats(store, &q[3..5]);
         let y = tape.projection_shortcut_add(h, &x, &sc, &mut stats)?;
-        store.set_value(q[3], stats.mean);
-        store.set_value(q[4], stats.var);
+        set_running_stats(store, &q[3..5], stats);
         y
     } else {
         tape.add_owned(h, &x)?
@@ -648,20 +644,17 @@ fn identity_block(
         .map(|&i| tape.param(store, p[i]))
         .collect();
     let conv_bn = |i: usize| ConvBn::new(&v[i], &v[i + 1], &v[i + 2]);
-    let stats = |i: usize| BatchNormStats {
-        mean: store.value(p[i]).clone(),
-        var: store.value(p[i + 1]).clone(),
-    };
-    let (mut s1, mut s2) = (stats(3), stats(8));
+    let (mut s1, mut s2) = (
+        running_stats(store, &p[3..5]),
+        running_stats(store, &p[8..10]),
+    );
     let cp = Conv2dParams {
         padding: 1,
         ..Default::default()
     };
     let y = tape.identity_block(x, &conv_bn(0), &conv_bn(3), cp, &mut s1, &mut s2)?;
-    store.set_value(p[3], s1.mean);
-    store.set_value(p[4], s1.var);
-    store.set_value(p[8], s2.mean);
-    store.set_value(p[9], s2.var);
+    set_running_stats(store, &p[3..5], s1);
+    set_running_stats(store, &p[8..10], s2);
     tape.relu_owned(y)
 }
 
@@ -716,18 +709,28 @@ fn batch_norm(
     eps: f64,
 ) -> Result<Value> {
     let (g, b) = (tape.param(store, p[0]), tape.param(store, p[1]));
-    let mut stats = BatchNormStats {
-        mean: store.value(p[2]).clone(),
-        var: store.value(p[3]).clone(),
-    };
+    let mut stats = running_stats(store, &p[2..4]);
     let y = if x_alone {
         tape.batch_norm_owned(x, &g, &b, &mut stats, momentum, eps)?
     } else {
         tape.batch_norm(&x, &g, &b, &mut stats, momentum, eps)?
     };
-    store.set_value(p[2], stats.mean);
-    store.set_value(p[3], stats.var);
+    set_running_stats(store, &p[2..4], stats);
     Ok(y)
+}
+
+/// A batch norm's running statistics, from the store's buffers `[mean, var]`.
+fn running_stats(store: &ParamStore, ids: &[ParamId]) -> BatchNormStats {
+    BatchNormStats {
+        mean: store.value(ids[0]).clone(),
+        var: store.value(ids[1]).clone(),
+    }
+}
+
+/// Writes updated running statistics back into the buffers `[mean, var]`.
+fn set_running_stats(store: &mut ParamStore, ids: &[ParamId], stats: BatchNormStats) {
+    store.set_value(ids[0], stats.mean);
+    store.set_value(ids[1], stats.var);
 }
 
 /// The attention layer's parameters `p` (wq, bq, wk, bk, wv, bv, wo, bo) as tape values.

@@ -349,23 +349,12 @@ impl Tape {
         let (h, wd) = (x.dims()[2], x.dims()[3]);
         let x_sample_bytes = cin * h * wd * elem;
         let g_sample_bytes = cout * oh * ow * elem;
-        let chunk = forward_chunk_rows(xt, wt, (oh, ow));
-        let over_input = owned
-            && b.is_none()
-            && chunk < n
-            && g_sample_bytes == x_sample_bytes
-            && self.may_overwrite(x, cx.as_ref());
-        let forward = |s: usize, len: usize| -> Result<Tensor> {
-            Ok(xt
-                .narrow(0, s, len)?
-                .conv2d(wt, p.padding, p.stride, p.dilation, p.groups)?)
-        };
+        // The output takes the input's buffer (chunk by chunk) where nothing reads it as it is.
+        let over_input = owned && b.is_none() && self.may_overwrite(x, cx.as_ref());
         let mut y = if over_input {
-            let y = xt.reshape((n, cout, oh, ow))?;
-            fill_rows(&y, chunk, forward)?;
-            y
+            conv2d_forward_over(xt.clone(), wt, p)?
         } else {
-            chunked_rows(n, chunk, xt, &[cout, oh, ow], forward)?
+            conv2d_forward(xt, wt, p)?
         };
         if let Some(b) = b {
             y = y.broadcast_add(&b.tensor().reshape((1, cout, 1, 1))?)?;
